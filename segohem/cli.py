@@ -1,0 +1,221 @@
+"""The `segohem` command: parse arguments, load config, build objects, call the engine.
+
+This is the one place that wires data, model, loss, optimizer, loggers and the loop together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from segohem.config import Config, ConfigError, config_to_dict, load_config, save_config
+from segohem.data import DatasetError, build_dataset, class_info
+from segohem.data.datasets import IMAGE_SUFFIXES
+from segohem.data.samplers import EpochShuffleSampler
+from segohem.data.transforms import build_eval_transform
+from segohem.engine.checkpoint import load_checkpoint, restore_rng_state
+from segohem.engine.loop import TrainState, autocast_context, evaluate, fit, seed_everything
+from segohem.engine.optim import build_optimizer, build_scheduler
+from segohem.metrics import format_table
+from segohem.model import build_model
+from segohem.ohem import OhemCrossEntropy
+from segohem.tracking import LocalLogger
+from segohem.visualize import colorize_mask
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={name} but CUDA is not available; use run.device=cpu")
+    return torch.device(name)
+
+
+def build_loss(cfg: Config) -> OhemCrossEntropy:
+    ohem, info = cfg.ohem, class_info(cfg.data)
+    if ohem.class_weight and len(ohem.class_weight) != info.num_classes:
+        raise ConfigError(f"ohem.class_weight has {len(ohem.class_weight)} values for {info.num_classes} classes")
+    return OhemCrossEntropy(
+        mode=ohem.mode, thresh=ohem.thresh, min_kept=ohem.min_kept, top_k=ohem.top_k,  # type: ignore[arg-type]
+        scope=ohem.scope, ignore_index=info.ignore_index,  # type: ignore[arg-type]
+        class_weight=ohem.class_weight or None, warmup_steps=ohem.warmup_steps,
+    )  # fmt: skip
+
+
+def build_loaders(cfg: Config) -> tuple[DataLoader[Any], DataLoader[Any]]:
+    train_set = build_dataset(cfg.data, cfg.augment, split="train", train=True, seed=cfg.run.seed)
+    val_set = build_dataset(cfg.data, cfg.augment, split="val", train=False, seed=cfg.run.seed)
+    workers = cfg.data.num_workers
+    train_loader = DataLoader(
+        train_set, batch_size=cfg.data.batch_size, sampler=EpochShuffleSampler(len(train_set), seed=cfg.run.seed),
+        num_workers=workers, drop_last=len(train_set) >= cfg.data.batch_size, pin_memory=torch.cuda.is_available(),
+    )  # fmt: skip
+    val_loader = DataLoader(val_set, batch_size=cfg.data.val_batch_size, shuffle=False, num_workers=workers)
+    return train_loader, val_loader
+
+
+def run_train(cfg: Config, *, resume_from: Path | None) -> TrainState:
+    """Build everything from ``cfg``, resume from ``resume_from/last.pt`` if given, and fit."""
+    started = time.perf_counter()
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    if resume_from is None and (run_dir / "last.pt").exists():
+        raise ConfigError(
+            f"run folder {run_dir} already holds a run; resume it with --resume {run_dir} or pick another run.name=..."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    seed_everything(cfg.run.seed)
+    torch.use_deterministic_algorithms(cfg.run.deterministic, warn_only=True)
+    device = resolve_device(cfg.run.device)
+    info = class_info(cfg.data)
+    train_loader, val_loader = build_loaders(cfg)
+    model = build_model(cfg.model, num_classes=info.num_classes).to(device)
+    loss_fn = build_loss(cfg).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.optim.accumulate)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps=total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16" and device.type == "cuda")
+    state = TrainState()
+    if resume_from is not None:
+        checkpoint = load_checkpoint(resume_from / "last.pt")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        state = TrainState(**checkpoint["train_state"])
+        restore_rng_state(checkpoint["rng"])
+        print(f"resuming {run_dir} after epoch {state.epoch} (step {state.step})")
+    logger = LocalLogger(run_dir, resume_step=state.step, resume_epoch=state.epoch)
+    logger.log_config(config_to_dict(cfg))
+    state = fit(
+        model=model, loss_fn=loss_fn, train_loader=train_loader, val_loader=val_loader, optimizer=optimizer,
+        scheduler=scheduler, scaler=scaler, device=device, optim_cfg=cfg.optim, train_cfg=cfg.train,
+        state=state, seed=cfg.run.seed, class_names=info.names, ignore_index=info.ignore_index,
+        run_dir=run_dir, config_dict=config_to_dict(cfg), logger=logger,
+    )  # fmt: skip
+    logger.close()
+    print(
+        f"done in {time.perf_counter() - started:.0f}s: best val mIoU {100 * state.best_miou:.2f} "
+        f"(epoch {state.best_epoch}); run folder {run_dir}"
+    )
+    return state
+
+
+def load_model_from_checkpoint(path: Path, overrides: list[str]) -> tuple[Config, torch.nn.Module, torch.device]:
+    checkpoint = load_checkpoint(path)
+    cfg = load_config(None, overrides, base=checkpoint["config"])
+    device = resolve_device(cfg.run.device)
+    model = build_model(cfg.model, num_classes=class_info(cfg.data).num_classes)
+    model.load_state_dict(checkpoint["model"])
+    return cfg, model.to(device).eval(), device
+
+
+def run_eval(checkpoint: Path, *, split: str, overrides: list[str], output: Path | None) -> dict[str, Any]:
+    cfg, model, device = load_model_from_checkpoint(checkpoint, overrides)
+    info = class_info(cfg.data)
+    dataset = build_dataset(cfg.data, cfg.augment, split=split, train=False, seed=cfg.run.seed)
+    loader = DataLoader(dataset, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers)
+    metrics = evaluate(
+        model=model, loader=loader, device=device, num_classes=info.num_classes,
+        ignore_index=info.ignore_index, amp=cfg.train.amp, progress=cfg.train.progress,
+    )  # fmt: skip
+    print(f"{checkpoint} on {split} ({len(dataset)} images)")
+    print(format_table(metrics, info.names))
+    if output is not None:
+        output.write_text(json.dumps({"class_names": list(info.names), **metrics}, indent=2))
+    return metrics
+
+
+def run_predict(checkpoint: Path, *, input_dir: Path, output_dir: Path, overrides: list[str]) -> int:
+    """Write ``<stem>.png`` (class ids) and ``<stem>_color.png`` for every image in ``input_dir``."""
+    cfg, model, device = load_model_from_checkpoint(checkpoint, overrides)
+    info = class_info(cfg.data)
+    transform = build_eval_transform(cfg.augment, ignore_index=info.ignore_index)
+    paths = sorted(p for p in input_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if input_dir.is_dir() else []
+    if not paths:
+        raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {input_dir}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    failed: list[str] = []
+    for path in tqdm(paths, desc="predict", disable=not cfg.train.progress):
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if bgr is None:  # keep going: predictions already written stay valid
+            failed.append(str(path))
+            tqdm.write(f"skipping {path}: cannot read it as an image")
+            continue
+        height, width = bgr.shape[:2]
+        if cfg.data.resize:
+            bgr = cv2.resize(bgr, (cfg.data.resize[1], cfg.data.resize[0]), interpolation=cv2.INTER_AREA)
+        image = transform(image=cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))["image"]
+        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].to(device)
+        with torch.no_grad(), autocast_context(device, cfg.train.amp):
+            logits = model(tensor)[:, :, : bgr.shape[0], : bgr.shape[1]]
+        labels = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+        labels = cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST)
+        cv2.imwrite(str(output_dir / f"{path.stem}.png"), labels)
+        color = colorize_mask(labels, info.palette)
+        cv2.imwrite(str(output_dir / f"{path.stem}_color.png"), cv2.cvtColor(color, cv2.COLOR_RGB2BGR))
+    print(f"wrote {len(paths) - len(failed)} prediction(s) to {output_dir}")
+    if failed:
+        print(f"could not read {len(failed)} file(s): {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segohem", description="Segmentation training with pixel-level OHEM.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a model (built-in synthetic data by default)")
+    train.add_argument("--config", type=Path, help="YAML config; defaults give the synthetic demo")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from last.pt")
+    train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    ev = commands.add_parser("eval", help="evaluate a checkpoint")
+    ev.add_argument("--checkpoint", type=Path, required=True)
+    ev.add_argument("--split", default="val", choices=("train", "val"))
+    ev.add_argument("--output", type=Path, help="also write the metrics as JSON here")
+    ev.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    pr = commands.add_parser("predict", help="write label and colour PNGs for a folder of images")
+    pr.add_argument("--checkpoint", type=Path, required=True)
+    pr.add_argument("--input", type=Path, required=True)
+    pr.add_argument("--output", type=Path, required=True)
+    pr.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            if args.resume is not None:
+                base = args.resume / "config.yaml"
+                if not base.is_file():
+                    raise ConfigError(f"--resume {args.resume}: no config.yaml there; is it a run folder?")
+                located = [f"run.output_dir={args.resume.parent}", f"run.name={args.resume.name}"]
+                cfg = load_config(base, [*args.overrides, *located])
+            else:
+                cfg = load_config(args.config, args.overrides)
+            run_train(cfg, resume_from=args.resume)
+            return 0
+        if args.command == "eval":
+            run_eval(args.checkpoint, split=args.split, overrides=args.overrides, output=args.output)
+            return 0
+        return run_predict(args.checkpoint, input_dir=args.input, output_dir=args.output, overrides=args.overrides)
+    except (ConfigError, DatasetError, FileNotFoundError) as err:
+        print(f"segohem {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

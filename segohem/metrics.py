@@ -1,0 +1,66 @@
+"""Confusion-matrix accumulation and the benchmark metrics derived from it.
+
+mIoU is per-class IoU averaged over classes present in prediction or ground truth (never
+pixel-pooled IoU). Under DDP, call `ConfusionMatrix.all_reduce` before `compute`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class ConfusionMatrix:
+    """Integer (C, C) matrix; rows are ground truth, columns are predictions."""
+
+    def __init__(self, num_classes: int, *, ignore_index: int) -> None:
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """pred, target: (N, H, W) integer class ids; ignored target pixels are skipped."""
+        valid_mask = target != self.ignore_index
+        index = target[valid_mask].to(torch.int64) * self.num_classes + pred[valid_mask].to(torch.int64)
+        counts = torch.bincount(index, minlength=self.num_classes**2)
+        self.matrix += counts.reshape(self.num_classes, self.num_classes).cpu()
+
+    def all_reduce(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+            matrix = self.matrix.to(device)
+            torch.distributed.all_reduce(matrix)
+            self.matrix = matrix.cpu()
+
+    def compute(self) -> dict[str, Any]:
+        """Return miou, per-class iou and accuracy (NaN for absent classes), pixel and mean accuracy."""
+        matrix = self.matrix.to(torch.float64)
+        true_positive = matrix.diag()
+        gt_total, pred_total = matrix.sum(1), matrix.sum(0)
+        union = gt_total + pred_total - true_positive
+        iou = torch.where(union > 0, true_positive / union.clamp(min=1), torch.nan)
+        class_acc = torch.where(gt_total > 0, true_positive / gt_total.clamp(min=1), torch.nan)
+        total = matrix.sum()
+        return {
+            "miou": float(iou.nanmean()) if (union > 0).any() else 0.0,
+            "pixel_acc": float(true_positive.sum() / total) if total > 0 else 0.0,
+            "mean_acc": float(class_acc.nanmean()) if (gt_total > 0).any() else 0.0,
+            "iou": iou.tolist(),
+            "acc": class_acc.tolist(),
+        }
+
+
+def format_table(metrics: dict[str, Any], class_names: tuple[str, ...] | list[str]) -> str:
+    """A per-class IoU / accuracy table with the summary metrics underneath."""
+    iou, acc = metrics["iou"], metrics["acc"]
+    width = max(12, *(len(n) for n in class_names)) + 2
+    lines = [f"{'class':<{width}}{'IoU':>8}{'Acc':>8}", "-" * (width + 16)]
+    for name, class_iou, class_acc in zip(class_names, iou, acc, strict=True):
+        lines.append(f"{name:<{width}}{100 * class_iou:>8.2f}{100 * class_acc:>8.2f}")
+    lines.append("-" * (width + 16))
+    lines.append(
+        f"{'mIoU':<{width}}{100 * float(metrics['miou']):>8.2f}   "
+        f"aAcc {100 * float(metrics['pixel_acc']):.2f}  mAcc {100 * float(metrics['mean_acc']):.2f}"
+    )
+    return "\n".join(lines)

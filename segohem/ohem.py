@@ -1,0 +1,268 @@
+"""Pixel-level online hard example mining: choose the hard pixels, then weigh them.
+
+This module imports torch and the standard library only, so `OhemCrossEntropy` can be
+copied unchanged into any training loop (Lightning, plain PyTorch, mmseg hooks).
+
+Semantics (stated on purpose; see docs/ohem.md for how they differ from mmseg/HRNet):
+
+* Hardness of a pixel is its unweighted cross-entropy, ``-log p_true``; "probability of the
+  true class below ``thresh``" is the same as "loss above ``-log(thresh)``".
+* Selection is **per image** by default: what an image keeps does not depend on the batch
+  size or on the other images in the batch. ``scope="batch"`` pools the whole local batch,
+  as mmseg's ``OHEMPixelSampler`` and HRNet's ``OhemCrossEntropy`` do.
+* Ignored pixels are never selected, never counted in k and never in the denominator.
+* The loss is the mean over kept pixels (class-weighted mean when ``class_weight`` is set).
+  Nothing to keep gives a zero loss that is still connected to the graph, never NaN.
+* Selection runs under ``no_grad`` on fp32 losses, so mixed precision cannot change which
+  pixels are picked. Ties at the k-th value are broken by pixel index (lowest first).
+* No full sort: the k-th value is found (``torch.kthvalue``) only where it is needed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MiningMode = Literal["threshold", "topk", "none"]
+MiningScope = Literal["image", "batch"]
+MINING_MODES: tuple[str, ...] = ("threshold", "topk", "none")
+MINING_SCOPES: tuple[str, ...] = ("image", "batch")
+
+
+class Selection(NamedTuple):
+    """Which pixels were chosen.
+
+    hard_mask: (N, H, W) bool, True where a pixel is kept.
+    prob_threshold: (N,) float, the true-class probability at or below which pixels were
+        kept in each image: ``thresh`` when the threshold alone kept enough, otherwise the
+        probability of the k-th hardest pixel (1.0 for mode ``none``).
+    num_kept: (N,) int64 kept pixels per image. num_valid: (N,) int64 valid pixels per image.
+    """
+
+    hard_mask: Tensor
+    prob_threshold: Tensor
+    num_kept: Tensor
+    num_valid: Tensor
+
+
+class OhemResult(NamedTuple):
+    """The outcome of one OHEM loss evaluation.
+
+    loss: scalar, mean (class-weighted) cross-entropy over kept pixels.
+    hard_mask: (N, H, W) bool, kept pixels.
+    pixel_loss: (N, H, W) float32, detached unweighted per-pixel cross-entropy, 0 where ignored.
+    num_kept: (N,) int64 kept pixels per image.
+    num_valid: (N,) int64 non-ignored pixels per image.
+    kept_fraction: (N,) float32, num_kept / num_valid (0 for an image with no valid pixel).
+    prob_threshold: (N,) float32, see `Selection`.
+    """
+
+    loss: Tensor
+    hard_mask: Tensor
+    pixel_loss: Tensor
+    num_kept: Tensor
+    num_valid: Tensor
+    kept_fraction: Tensor
+    prob_threshold: Tensor
+
+
+def resolve_count(amount: int | float, num_valid: Tensor, *, per_row_images: int = 1) -> Tensor:
+    """Turn a count or a fraction into a per-row pixel count, clamped to ``[0, num_valid]``.
+
+    amount: an ``int`` is a pixel count per image (multiplied by ``per_row_images`` when a row
+        pools several images); a ``float`` in [0, 1] is a fraction of the row's valid pixels
+        (rounded up).
+    num_valid: (R,) int64 valid pixels per row. Returns (R,) int64.
+    """
+    if isinstance(amount, bool) or amount < 0:
+        raise ValueError(f"pixel count or fraction must be >= 0, got {amount!r}")
+    if isinstance(amount, float):
+        if amount > 1.0:
+            raise ValueError(f"a fraction of valid pixels must be in [0, 1], got {amount!r}")
+        counts = torch.ceil(num_valid.to(torch.float64) * amount).to(torch.int64)
+    else:
+        counts = torch.full_like(num_valid, int(amount) * per_row_images)
+    return torch.minimum(counts, num_valid)
+
+
+def _topk_rows(row_loss: Tensor, num_keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Mask of the ``num_keep[r]`` largest entries of each row, ties broken by lowest index.
+
+    row_loss: (R, P) float, ignored entries already -inf. num_keep: (R,) int64 with
+    1 <= num_keep <= the row's valid entries. Returns (mask (R, P) bool, kth_loss (R,)).
+    """
+    num_pixels = row_loss.shape[1]
+    kth_loss = torch.empty(len(row_loss), dtype=row_loss.dtype, device=row_loss.device)
+    # Rows sharing one k go through a single batched kthvalue (parallel over rows):
+    # the k-th largest is the (P - k + 1)-th smallest; linear-time selection, no sort.
+    for k in num_keep.unique().tolist():  # host sync: usually one distinct k
+        same_k = (num_keep == k).nonzero().flatten()
+        rows = row_loss if len(same_k) == len(row_loss) else row_loss[same_k]
+        kth_loss[same_k] = torch.kthvalue(rows, num_pixels - k + 1, dim=1).values
+    mask = row_loss >= kth_loss[:, None]
+    num_at_least = mask.sum(1)
+    surplus = (num_at_least != num_keep).nonzero().flatten()
+    if len(surplus):  # host sync; ties at the k-th value (saturated losses): keep lowest indices
+        ties = row_loss[surplus] == kth_loss[surplus, None]  # (S, P)
+        num_ties = ties.sum(1)
+        ties_allowed = num_keep[surplus] - (num_at_least[surplus] - num_ties)
+        tie_row, tie_col = ties.nonzero(as_tuple=True)  # row-major: ascending index per row
+        rank_in_row = torch.arange(len(tie_row), device=ties.device) - (num_ties.cumsum(0) - num_ties)[tie_row]
+        drop = rank_in_row >= ties_allowed[tie_row]
+        mask[surplus[tie_row[drop]], tie_col[drop]] = False
+    return mask, kth_loss
+
+
+def select_hard_pixels(
+    pixel_loss: Tensor,
+    valid_mask: Tensor,
+    *,
+    mode: MiningMode = "threshold",
+    thresh: float = 0.7,
+    min_kept: int | float = 0,
+    top_k: int | float = 0.2,
+    scope: MiningScope = "image",
+    keep_floor: float = 0.0,
+) -> Selection:
+    """Choose hard pixels; pure function, no gradients.
+
+    pixel_loss: (N, H, W) unweighted cross-entropy ``-log p_true`` (any float dtype; compared
+        in fp32). valid_mask: (N, H, W) bool, False at ignored pixels.
+    mode: ``threshold`` keeps pixels with ``p_true < thresh``; if fewer than ``min_kept``
+        qualify, the ``min_kept`` hardest instead. ``topk`` keeps the ``top_k`` hardest.
+        ``none`` keeps every valid pixel.
+    min_kept / top_k: ``int`` = pixels per image, ``float`` in [0, 1] = fraction of valid pixels.
+    scope: ``image`` selects in each image on its own; ``batch`` pools the batch (counts are
+        then multiplied by N, fractions apply to the batch's valid pixels).
+    keep_floor: fraction of valid pixels kept at least (the warm-up ramp; 0 disables it).
+    """
+    if mode not in MINING_MODES:
+        raise ValueError(f"unknown mining mode {mode!r}; valid modes: {', '.join(MINING_MODES)}")
+    if scope not in MINING_SCOPES:
+        raise ValueError(f"unknown mining scope {scope!r}; valid: {', '.join(MINING_SCOPES)}")
+    if not 0.0 < thresh <= 1.0:
+        raise ValueError(f"thresh is a probability in (0, 1], got {thresh!r}")
+    num_images = pixel_loss.shape[0]
+    num_rows = num_images if scope == "image" else 1
+    with torch.no_grad():
+        row_valid = valid_mask.reshape(num_rows, -1)  # (R, P)
+        num_valid = row_valid.sum(1)  # (R,)
+        row_threshold = torch.ones(num_rows, device=pixel_loss.device)
+        if mode == "none":
+            hard, num_kept = row_valid, num_valid
+        else:
+            floor = resolve_count(min(max(float(keep_floor), 0.0), 1.0), num_valid)
+            target = min_kept if mode == "threshold" else top_k
+            per_row = num_images if scope == "batch" else 1
+            num_keep = torch.maximum(resolve_count(target, num_valid, per_row_images=per_row), floor)
+            row_loss = pixel_loss.detach().float().reshape(num_rows, -1)
+            row_loss = row_loss.masked_fill(~row_valid, -math.inf)
+            if mode == "threshold":
+                hard = row_loss > -math.log(thresh)
+                row_threshold.fill_(thresh)
+                num_kept = hard.sum(1)
+                short_rows = (num_kept < num_keep).nonzero().flatten()
+            else:
+                hard = torch.zeros_like(row_valid)
+                num_kept = torch.zeros_like(num_keep)
+                short_rows = (num_keep > 0).nonzero().flatten()
+            if len(short_rows) == num_rows:  # host sync: the k-th value only where needed
+                hard, kth_loss = _topk_rows(row_loss, num_keep)
+                row_threshold, num_kept = torch.exp(-kth_loss).clamp(max=1.0), num_keep
+            elif len(short_rows):
+                hard[short_rows], kth_loss = _topk_rows(row_loss[short_rows], num_keep[short_rows])
+                row_threshold[short_rows] = torch.exp(-kth_loss).clamp(max=1.0)
+                num_kept[short_rows] = num_keep[short_rows]
+        if scope == "batch":
+            row_threshold = row_threshold.expand(num_images)
+            num_kept = hard.reshape(num_images, -1).sum(1)
+            num_valid = valid_mask.reshape(num_images, -1).sum(1)
+        return Selection(hard.reshape(valid_mask.shape), row_threshold.clone(), num_kept, num_valid)
+
+
+def keep_floor_at(step: int | None, warmup_steps: int) -> float:
+    """Warm-up ramp: fraction of valid pixels kept at least at ``step``.
+
+    Falls linearly from 1.0 (plain cross-entropy) at step 0 to 0.0 at ``warmup_steps``, after
+    which only the mining rule applies (TF DeepLab's ``hard_example_mining_step``).
+    """
+    if step is None or warmup_steps <= 0:
+        return 0.0
+    return max(0.0, 1.0 - step / warmup_steps)
+
+
+class OhemCrossEntropy(nn.Module):
+    """Cross-entropy over the hard pixels chosen by `select_hard_pixels`.
+
+    forward(logits (N, C, H, W), target (N, H, W) int64, step=None) -> OhemResult.
+    Labels outside ``[0, C)`` that are not ``ignore_index`` raise ``ValueError`` naming them
+    (mmseg #1180 turned these into opaque CUDA index errors).
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: MiningMode = "threshold",
+        thresh: float = 0.7,
+        min_kept: int | float = 0.1,
+        top_k: int | float = 0.2,
+        scope: MiningScope = "image",
+        ignore_index: int = 255,
+        class_weight: list[float] | Tensor | None = None,
+        warmup_steps: int = 0,
+    ) -> None:
+        super().__init__()
+        # Validate eagerly so a bad config fails at construction, not mid-epoch.
+        select_hard_pixels(
+            torch.zeros(1, 1, 1), torch.ones(1, 1, 1, dtype=torch.bool),
+            mode=mode, thresh=thresh, min_kept=min_kept, top_k=top_k, scope=scope,
+        )  # fmt: skip
+        self.mode, self.thresh, self.scope = mode, thresh, scope
+        self.min_kept, self.top_k = min_kept, top_k
+        self.ignore_index, self.warmup_steps = ignore_index, warmup_steps
+        self.class_weight: Tensor | None
+        weight = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
+        self.register_buffer("class_weight", weight, persistent=False)
+
+    def forward(self, logits: Tensor, target: Tensor, *, step: int | None = None) -> OhemResult:
+        if logits.ndim != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
+            raise ValueError(
+                f"expected logits (N, C, H, W) and target (N, H, W) of the same N, H, W; got "
+                f"{tuple(logits.shape)} and {tuple(target.shape)} (upsample logits to the label size)"
+            )
+        num_classes = logits.shape[1]
+        valid_mask = target != self.ignore_index  # (N, H, W)
+        bad_mask = valid_mask & ((target < 0) | (target >= num_classes))
+        if bool(bad_mask.any()):  # host sync: cheap guard against silent index errors
+            bad = sorted(set(target[bad_mask].unique().tolist()))
+            raise ValueError(
+                f"label values {bad[:10]} are outside [0, {num_classes}) and are not the "
+                f"ignore_index {self.ignore_index}"
+            )
+        # fp32 so that autocast cannot change the ranking of pixels.
+        pixel_loss = F.cross_entropy(
+            logits.float(), target, ignore_index=self.ignore_index, reduction="none"
+        )  # (N, H, W)
+        selection = select_hard_pixels(
+            pixel_loss, valid_mask, mode=self.mode, thresh=self.thresh, min_kept=self.min_kept,
+            top_k=self.top_k, scope=self.scope, keep_floor=keep_floor_at(step, self.warmup_steps),
+        )  # fmt: skip
+        hard_mask, num_kept, num_valid = selection.hard_mask, selection.num_kept, selection.num_valid
+        if self.class_weight is None:
+            weight = hard_mask.to(pixel_loss.dtype)
+            denominator = num_kept.sum().to(pixel_loss.dtype)
+        else:
+            weight = hard_mask * self.class_weight[target.clamp(0, num_classes - 1)]
+            denominator = weight.sum()
+        # Nothing kept: the numerator is an exact 0 still attached to the logits (never NaN,
+        # and DDP's backward does not hang on a missing graph).
+        loss = (pixel_loss * weight).sum() / torch.where(denominator > 0, denominator, 1.0)
+        kept_fraction = num_kept.float() / num_valid.clamp(min=1).float()
+        return OhemResult(
+            loss, hard_mask, pixel_loss.detach(), num_kept, num_valid, kept_fraction,
+            selection.prob_threshold,
+        )  # fmt: skip

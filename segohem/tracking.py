@@ -1,0 +1,123 @@
+"""The logger protocol the engine talks to, and the local loggers that always run.
+
+Step metrics go to ``metrics.jsonl``; epoch metrics to ``epochs.jsonl`` and ``epochs.csv``.
+Optional integrations (W&B) implement the same protocol in their own module.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Logger(Protocol):
+    def log_config(self, config: dict[str, Any]) -> None: ...
+    def log_step(self, metrics: dict[str, float], *, step: int) -> None: ...
+    def log_epoch(self, metrics: dict[str, float], *, epoch: int, step: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class NullLogger:
+    """Logs nothing: for non-main ranks and for tests that do not look."""
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        pass
+
+    def log_step(self, metrics: dict[str, float], *, step: int) -> None:
+        pass
+
+    def log_epoch(self, metrics: dict[str, float], *, epoch: int, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryLogger(NullLogger):
+    """Keeps every record in lists; for tests and notebooks."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+        self.epochs: list[dict[str, float]] = []
+
+    def log_step(self, metrics: dict[str, float], *, step: int) -> None:
+        self.steps.append({"step": step, **metrics})
+
+    def log_epoch(self, metrics: dict[str, float], *, epoch: int, step: int) -> None:
+        self.epochs.append({"epoch": epoch, "step": step, **metrics})
+
+
+def _json_safe(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+class LocalLogger:
+    """JSON lines and CSV in the run folder.
+
+    ``resume_step``/``resume_epoch``: records logged after the checkpoint being resumed are
+    dropped, so a resumed run's files read as if it had never been interrupted.
+    """
+
+    def __init__(self, run_dir: str | Path, *, resume_step: int = 0, resume_epoch: int = 0) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.step_path = self.run_dir / "metrics.jsonl"
+        self.epoch_path = self.run_dir / "epochs.jsonl"
+        self._truncate(self.step_path, "step", resume_step)
+        self._truncate(self.epoch_path, "epoch", resume_epoch)
+
+    @staticmethod
+    def _truncate(path: Path, key: str, last_kept: int) -> None:
+        if not path.exists():
+            return
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        kept = [r for r in records if r.get(key, 0) <= last_kept]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        pass  # the resolved config is written by the engine as config.yaml
+
+    def _append(self, path: Path, record: dict[str, Any]) -> None:
+        with path.open("a") as handle:
+            handle.write(json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n")
+
+    def log_step(self, metrics: dict[str, float], *, step: int) -> None:
+        self._append(self.step_path, {"step": step, **metrics})
+
+    def log_epoch(self, metrics: dict[str, float], *, epoch: int, step: int) -> None:
+        self._append(self.epoch_path, {"epoch": epoch, "step": step, **metrics})
+        records = [json.loads(line) for line in self.epoch_path.read_text().splitlines() if line.strip()]
+        columns = list(dict.fromkeys(key for record in records for key in record))
+        with (self.run_dir / "epochs.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(records)
+
+    def close(self) -> None:
+        pass
+
+
+class MultiLogger:
+    """Fans every call out to several loggers."""
+
+    def __init__(self, *loggers: Logger) -> None:
+        self.loggers = loggers
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        for logger in self.loggers:
+            logger.log_config(config)
+
+    def log_step(self, metrics: dict[str, float], *, step: int) -> None:
+        for logger in self.loggers:
+            logger.log_step(metrics, step=step)
+
+    def log_epoch(self, metrics: dict[str, float], *, epoch: int, step: int) -> None:
+        for logger in self.loggers:
+            logger.log_epoch(metrics, epoch=epoch, step=step)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()

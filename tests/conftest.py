@@ -1,0 +1,27 @@
+from pathlib import Path
+
+import pytest
+
+from segohem.config import Config, load_config
+
+SHARED_CAMVID = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "camvid"
+
+
+def tiny_config(tmp_path: Path, *overrides: str) -> Config:
+    """A config that trains in seconds on the CPU: 8 synthetic 64x64 images."""
+    return load_config(
+        None,
+        [
+            f"run.output_dir={tmp_path}", "run.name=tiny", "run.device=cpu",
+            "data.num_train=8", "data.num_val=4", "data.image_size=[64, 64]", "data.batch_size=4",
+            "data.val_batch_size=4", "train.epochs=2", "train.progress=false", "train.log_every=1",
+            "model.encoder=resnet18", *overrides,
+        ],
+    )  # fmt: skip
+
+
+@pytest.fixture
+def camvid_root() -> Path:
+    if not (SHARED_CAMVID / "train").is_dir():
+        pytest.skip(f"CamVid copy not found at {SHARED_CAMVID} (only in the project's shared data)")
+    return SHARED_CAMVID

@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch
+
+from segohem.cli import run_train
+from segohem.data.datasets import SyntheticDataset
+from segohem.engine.checkpoint import load_checkpoint, save_checkpoint
+from segohem.engine.optim import poly_lr_factor
+
+from .conftest import tiny_config
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_step_end_to_end_train_writes_the_run_folder(tmp_path):
+    cfg = tiny_config(tmp_path, "train.max_steps=2")
+    state = run_train(cfg, resume_from=None)
+    run_dir = tmp_path / "tiny"
+    assert state.step == 2 and state.epoch == 1
+    for name in ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "epochs.jsonl", "epochs.csv"):
+        assert (run_dir / name).is_file(), name
+    steps = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(0 < r["train/kept_fraction"] <= 1 and r["train/loss"] > 0 for r in steps)
+    epoch = read_jsonl(run_dir / "epochs.jsonl")[0]
+    assert 0 <= epoch["val/miou"] <= 1 and "val/iou/pole" in epoch
+    checkpoint = load_checkpoint(run_dir / "last.pt")
+    assert checkpoint["train_state"]["step"] == 2 and checkpoint["config"]["run"]["name"] == "tiny"
+    for key in ("model", "optimizer", "scheduler", "scaler", "rng"):
+        assert key in checkpoint
+    with pytest.raises(ValueError, match="already holds a run"):
+        run_train(cfg, resume_from=None)
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    straight = tiny_config(tmp_path, "run.name=straight", "train.epochs=3")
+    run_train(straight, resume_from=None)
+
+    original = SyntheticDataset.set_epoch
+
+    def crash_in_epoch_two(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt("simulated kill after epoch 1")
+        original(self, epoch)
+
+    interrupted = tiny_config(tmp_path, "run.name=resumed", "train.epochs=3")
+    monkeypatch.setattr(SyntheticDataset, "set_epoch", crash_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(interrupted, resume_from=None)
+    monkeypatch.setattr(SyntheticDataset, "set_epoch", original)
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["train_state"]["step"] == 2
+    state = run_train(interrupted, resume_from=tmp_path / "resumed")
+    assert state.step == 6 and state.epoch == 3
+
+    expected = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    got = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    assert [r["train/loss"] for r in got] == [r["train/loss"] for r in expected]
+    model_a = load_checkpoint(tmp_path / "straight" / "last.pt")["model"]
+    model_b = load_checkpoint(tmp_path / "resumed" / "last.pt")["model"]
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"value": 1}, path)
+
+    def broken_save(obj, handle):
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"value": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["value"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_poly_schedule_with_warmup():
+    factors = [poly_lr_factor(s, total_steps=10, warmup_steps=2, power=1.0, min_factor=0.0) for s in range(11)]
+    assert factors[0] == 0.5 and factors[1] == 1.0
+    assert factors[5] == pytest.approx(0.5) and factors[10] == 0.0
