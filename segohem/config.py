@@ -102,6 +102,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs between evaluations
     log_every: int = 10  # steps between metric log lines
     progress: bool = True  # show progress bars
+    snapshot_epochs: list[int] = field(default_factory=list)  # also keep epochNNN.pt after these epochs
 
 
 @dataclass

@@ -223,6 +223,8 @@ def fit(
             save_checkpoint(checkpoint, run_dir / "last.pt")
             if improved:
                 save_checkpoint(checkpoint, run_dir / "best.pt")
+            if state.epoch in train_cfg.snapshot_epochs:
+                save_checkpoint(checkpoint, run_dir / f"epoch{state.epoch:03d}.pt")
         if stopping:
             break
     return state

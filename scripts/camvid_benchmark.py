@@ -1,0 +1,129 @@
+"""Paired-seed CamVid benchmark: plain CE vs OHEM modes (vs refinement, when given), resumable.
+
+Every (method, seed) is one `segohem train` run on configs/camvid.yaml (half resolution,
+Unet + EfficientNet-Lite0 from the local ImageNet weights, batch 8, AdamW 1e-3 poly,
+horizontal flips, 20 epochs). Each finished run writes ``<results>/<method>-s<seed>.json``;
+runs whose result exists are skipped, an interrupted run is resumed from its last.pt.
+
+    python scripts/camvid_benchmark.py --methods plain threshold topk --seeds 0 1 2 --jobs 2
+    python scripts/camvid_benchmark.py --summary          # markdown table from the result files
+
+The same seed gives every method the same initialisation and the same batch order, so the
+per-seed differences are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RARE_CLASSES = ("pole", "sign_symbol", "fence", "pedestrian", "bicyclist")
+METHODS: dict[str, list[str]] = {
+    "plain": ["ohem.mode=none"],
+    "threshold": ["ohem.mode=threshold", "ohem.thresh=0.7", "ohem.min_kept=0.1"],
+    "topk": ["ohem.mode=topk", "ohem.top_k=0.2"],
+}
+
+
+def run_one(method: str, seed: int, args: argparse.Namespace) -> Path:
+    result_path = args.results / f"{method}-s{seed}.json"
+    if result_path.exists():
+        print(f"skip {method} seed {seed}: {result_path} exists")
+        return result_path
+    name = f"{method}-s{seed}"
+    run_dir = args.runs / name
+    overrides = [
+        f"run.output_dir={args.runs}", f"run.name={name}", f"run.seed={seed}", f"data.root={args.data_root}",
+        f"model.encoder_weights={args.weights}", "train.progress=false", "train.snapshot_epochs=[15]",
+        *METHODS[method],
+    ]  # fmt: skip
+    command = [sys.executable, "-m", "segohem.cli", "train", "--config", str(ROOT / "configs" / "camvid.yaml")]
+    if (run_dir / "last.pt").exists():
+        command += ["--resume", str(run_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    started = time.perf_counter()
+    args.runs.mkdir(parents=True, exist_ok=True)
+    log_path = args.runs / f"{name}.log"
+    with log_path.open("a") as log:
+        subprocess.run([*command, *overrides], check=True, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    records = [json.loads(line) for line in (run_dir / "epochs.jsonl").read_text().splitlines()]
+    final = records[-1]
+    result = {
+        "method": method, "seed": seed, "overrides": METHODS[method], "epochs": final["epoch"],
+        "final_miou": final["val/miou"], "best_miou": max(r["val/miou"] for r in records),
+        "final_iou": {k.removeprefix("val/iou/"): v for k, v in final.items() if k.startswith("val/iou/")},
+        "wall_seconds_this_sitting": time.perf_counter() - started,
+        "train_seconds": sum(r["train/epoch_seconds"] for r in records), "threads": args.threads,
+        "command": " ".join([*command, *overrides]),
+    }  # fmt: skip
+    args.results.mkdir(parents=True, exist_ok=True)
+    result_path.write_text(json.dumps(result, indent=2))
+    print(f"done {name}: final val mIoU {100 * result['final_miou']:.2f}")
+    return result_path
+
+
+def summarize(results_dir: Path) -> str:
+    results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    by_method: dict[str, dict[int, dict]] = {}
+    for r in results:
+        by_method.setdefault(r["method"], {})[r["seed"]] = r
+    plain = by_method.get("plain", {})
+    lines = [
+        "| method | seeds | mIoU mean | min..max | paired diff vs plain (per seed) | mean diff | rare-class IoU mean |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, runs in by_method.items():
+        mious = [100 * r["final_miou"] for r in runs.values()]
+        rare = [100 * statistics.mean(r["final_iou"][c] for c in RARE_CLASSES) for r in runs.values()]
+        diffs = [100 * (runs[s]["final_miou"] - plain[s]["final_miou"]) for s in sorted(runs) if s in plain]
+        lines.append(
+            f"| {method} | {','.join(map(str, sorted(runs)))} | {statistics.mean(mious):.2f} | "
+            f"{min(mious):.2f}..{max(mious):.2f} | {' '.join(f'{d:+.2f}' for d in diffs) or '-'} | "
+            f"{statistics.mean(diffs):+.2f} | {statistics.mean(rare):.2f} |"
+            if diffs
+            else f"| {method} | {','.join(map(str, sorted(runs)))} | {statistics.mean(mious):.2f} | "
+            f"{min(mious):.2f}..{max(mious):.2f} | - | - | {statistics.mean(rare):.2f} |"
+        )
+    classes = list(results[0]["final_iou"]) if results else []
+    lines += ["", "Per-class IoU (mean over seeds):", "", "| method | " + " | ".join(classes) + " |",
+              "|---|" + "---|" * len(classes)]  # fmt: skip
+    for method, runs in by_method.items():
+        means = [100 * statistics.mean(r["final_iou"][c] for r in runs.values()) for c in classes]
+        lines.append(f"| {method} | " + " | ".join(f"{m:.1f}" for m in means) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (one per core)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / "camvid")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "camvid-bench")
+    parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "datasets" / "camvid")
+    parser.add_argument(
+        "--weights", type=Path, default=ROOT.parent / "shared" / "weights" / "timm-tf_efficientnet_lite0.imagenet.pth"
+    )
+    parser.add_argument("--summary", action="store_true", help="only print the table of finished runs")
+    args = parser.parse_args()
+    if args.summary:
+        print(summarize(args.results))
+        return
+    args.results.mkdir(parents=True, exist_ok=True)
+    grid = [(method, seed) for seed in args.seeds for method in args.methods]  # seed-major: pairs finish together
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for future in [pool.submit(run_one, m, s, args) for m, s in grid]:
+            future.result()
+
+
+if __name__ == "__main__":
+    main()
