@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from segohem.bank import HardPixelBank
 from segohem.config import Config, ConfigError, config_to_dict, load_config, save_config
 from segohem.data import DatasetError, build_dataset, class_info
 from segohem.data.datasets import IMAGE_SUFFIXES
@@ -90,6 +91,7 @@ def run_train(cfg: Config, *, resume_from: Path | None) -> TrainState:
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps=total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16" and device.type == "cuda")
     state = TrainState()
+    bank = HardPixelBank(info.num_classes, cell_size=cfg.bank.cell_size, momentum=cfg.bank.momentum)
     if resume_from is not None:
         checkpoint = load_checkpoint(resume_from / "last.pt")
         model.load_state_dict(checkpoint["model"])
@@ -98,6 +100,8 @@ def run_train(cfg: Config, *, resume_from: Path | None) -> TrainState:
         scaler.load_state_dict(checkpoint["scaler"])
         state = TrainState(**checkpoint["train_state"])
         restore_rng_state(checkpoint["rng"])
+        if checkpoint.get("bank"):
+            bank.load_state_dict(checkpoint["bank"])
         print(f"resuming {run_dir} after epoch {state.epoch} (step {state.step})")
     logger = LocalLogger(run_dir, resume_step=state.step, resume_epoch=state.epoch)
     logger.log_config(config_to_dict(cfg))
@@ -105,7 +109,7 @@ def run_train(cfg: Config, *, resume_from: Path | None) -> TrainState:
         model=model, loss_fn=loss_fn, train_loader=train_loader, val_loader=val_loader, optimizer=optimizer,
         scheduler=scheduler, scaler=scaler, device=device, optim_cfg=cfg.optim, train_cfg=cfg.train,
         state=state, seed=cfg.run.seed, class_names=info.names, ignore_index=info.ignore_index,
-        run_dir=run_dir, config_dict=config_to_dict(cfg), logger=logger,
+        run_dir=run_dir, config_dict=config_to_dict(cfg), logger=logger, bank=bank if cfg.bank.enabled else None,
     )  # fmt: skip
     logger.close()
     print(

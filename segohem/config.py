@@ -82,6 +82,13 @@ class OhemConfig:
 
 
 @dataclass
+class BankConfig:
+    enabled: bool = True  # keep the hard-pixel dictionary (hard_pixels.sqlite in the run folder)
+    cell_size: int = 8  # spatial hardness maps use cells of this many original-image pixels
+    momentum: float = 0.5  # weight of the past in per-image EMAs and per-cell decayed sums
+
+
+@dataclass
 class OptimConfig:
     name: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
@@ -112,6 +119,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     ohem: OhemConfig = field(default_factory=OhemConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -248,5 +256,7 @@ def validate(config: Config) -> None:
         raise ConfigError("data.batch_size, data.val_batch_size and optim.accumulate must be >= 1")
     if optim.lr <= 0:
         raise ConfigError(f"optim.lr: {optim.lr} must be > 0")
+    if config.bank.cell_size < 1 or not 0.0 <= config.bank.momentum < 1.0:
+        raise ConfigError("bank.cell_size must be >= 1 and bank.momentum in [0, 1)")
     if config.train.epochs < 1:
         raise ConfigError(f"train.epochs: {config.train.epochs} must be >= 1")

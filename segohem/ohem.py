@@ -228,7 +228,11 @@ class OhemCrossEntropy(nn.Module):
         weight = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
         self.register_buffer("class_weight", weight, persistent=False)
 
-    def forward(self, logits: Tensor, target: Tensor, *, step: int | None = None) -> OhemResult:
+    def forward(
+        self, logits: Tensor, target: Tensor, *, step: int | None = None, pixel_weight: Tensor | None = None
+    ) -> OhemResult:
+        """logits (N, C, H, W), target (N, H, W); ``pixel_weight`` (N, H, W) >= 0 optionally
+        re-weights kept pixels (selection is unchanged); ``step`` drives the warm-up ramp."""
         if logits.ndim != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
             raise ValueError(
                 f"expected logits (N, C, H, W) and target (N, H, W) of the same N, H, W; got "
@@ -252,11 +256,15 @@ class OhemCrossEntropy(nn.Module):
             top_k=self.top_k, scope=self.scope, keep_floor=keep_floor_at(step, self.warmup_steps),
         )  # fmt: skip
         hard_mask, num_kept, num_valid = selection.hard_mask, selection.num_kept, selection.num_valid
-        if self.class_weight is None:
+        if self.class_weight is None and pixel_weight is None:
             weight = hard_mask.to(pixel_loss.dtype)
             denominator = num_kept.sum().to(pixel_loss.dtype)
         else:
-            weight = hard_mask * self.class_weight[target.clamp(0, num_classes - 1)]
+            weight = hard_mask.to(pixel_loss.dtype)
+            if self.class_weight is not None:
+                weight = weight * self.class_weight[target.clamp(0, num_classes - 1)]
+            if pixel_weight is not None:
+                weight = weight * pixel_weight.to(pixel_loss.dtype)
             denominator = weight.sum()
         # Nothing kept: the numerator is an exact 0 still attached to the logits (never NaN,
         # and DDP's backward does not hang on a missing graph).

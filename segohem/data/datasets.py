@@ -25,7 +25,8 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
     """Base: subclasses implement ``__len__``, ``sample_id`` and ``read``.
 
     ``__getitem__`` returns ``{"image": (3, H, W) float32, "mask": (H, W) int64,
-    "sample_id": str, "index": int}``. Augmentation randomness is seeded from
+    "source_yx": (2, H, W) float32 original row/col of each pixel, "source_hw": (2,) original
+    height/width, "sample_id": str, "index": int}``. Augmentation randomness is seeded from
     (seed, epoch, index), so an epoch is reproducible whatever the worker count, and a
     resumed run sees exactly the samples an uninterrupted one would.
     """
@@ -58,18 +59,24 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, mask = self.read(index)
+        original_hw = image.shape[:2]
+        rows, cols = np.meshgrid(np.arange(original_hw[0]), np.arange(original_hw[1]), indexing="ij")
+        source_yx: np.ndarray = np.stack([rows, cols], axis=-1).astype(np.float32)  # (H0, W0, 2)
         if self.resize:
             height, width = self.resize
             image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
             mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+            source_yx = cv2.resize(source_yx, (width, height), interpolation=cv2.INTER_NEAREST)
         if self.transform is not None:
             if hasattr(self.transform, "set_random_seed"):
                 self.transform.set_random_seed(zlib.crc32(f"{self.seed}/{self.epoch}/{index}".encode()))
-            out = self.transform(image=image, mask=mask)
-            image, mask = out["image"], out["mask"]
+            out = self.transform(image=image, mask=mask, source_yx=source_yx)
+            image, mask, source_yx = out["image"], out["mask"], out["source_yx"]
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)),
             "mask": torch.from_numpy(mask.astype(np.int64)),
+            "source_yx": torch.from_numpy(np.ascontiguousarray(source_yx.transpose(2, 0, 1), dtype=np.float32)),
+            "source_hw": torch.tensor(original_hw),
             "sample_id": self.sample_id(index),
             "index": index,
         }

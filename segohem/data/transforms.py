@@ -7,6 +7,11 @@ import cv2
 
 from segohem.config import AugmentConfig
 
+# The original (row, col) of every pixel travels as a second mask, through the same nearest
+# interpolation, crops and flips as the labels; the hard-pixel bank uses it to map hard
+# pixels back to the original image.
+SOURCE_TARGETS = {"source_yx": "mask"}
+
 
 def _normalize_and_pad(cfg: AugmentConfig, ignore_index: int) -> list[A.BasicTransform]:
     # Pad bottom/right only, so predictions are cropped back with [:H, :W]; masks are padded
@@ -39,9 +44,9 @@ def build_train_transform(cfg: AugmentConfig, *, ignore_index: int) -> A.Compose
         ops.append(A.HorizontalFlip(p=cfg.hflip))
     if cfg.color_jitter > 0:
         ops.append(A.RandomBrightnessContrast(p=cfg.color_jitter))
-    return A.Compose(ops + _normalize_and_pad(cfg, ignore_index), strict=True)
+    return A.Compose(ops + _normalize_and_pad(cfg, ignore_index), strict=True, additional_targets=SOURCE_TARGETS)
 
 
 def build_eval_transform(cfg: AugmentConfig, *, ignore_index: int) -> A.Compose:
     """Normalization and padding only: deterministic, and labels keep their pixels."""
-    return A.Compose(_normalize_and_pad(cfg, ignore_index), strict=True)
+    return A.Compose(_normalize_and_pad(cfg, ignore_index), strict=True, additional_targets=SOURCE_TARGETS)

@@ -17,12 +17,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from segohem.bank import HardPixelBank
+from segohem.bank_store import save_bank
 from segohem.config import OptimConfig, TrainConfig
 from segohem.engine.checkpoint import capture_rng_state, save_checkpoint
 from segohem.engine.distributed import is_main_process
 from segohem.metrics import ConfusionMatrix, format_table
 from segohem.ohem import OhemCrossEntropy
 from segohem.tracking import Logger
+
+BANK_FILE = "hard_pixels.sqlite"
 
 
 @dataclass
@@ -69,8 +73,9 @@ def train_one_epoch(
     train_cfg: TrainConfig,
     state: TrainState,
     logger: Logger,
+    bank: HardPixelBank | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; updates ``state.step``. Returns epoch means of loss and kept fraction."""
+    """One pass over ``loader``; updates ``state.step`` and ``bank``. Returns epoch means."""
     model.train()
     num_batches = len(loader)  # type: ignore[arg-type]
     bar = tqdm(
@@ -83,8 +88,15 @@ def train_one_epoch(
         masks = batch["mask"].to(device, non_blocking=True)
         with autocast_context(device, train_cfg.amp):
             logits = model(images)
-        result = loss_fn(logits, masks, step=state.step)
+        pixel_weight = batch["pixel_weight"].to(device) if "pixel_weight" in batch else None
+        result = loss_fn(logits, masks, step=state.step, pixel_weight=pixel_weight)
         scaler.scale(result.loss / optim_cfg.accumulate).backward()
+        if bank is not None:
+            bank.update(
+                sample_ids=batch["sample_id"], hard_mask=result.hard_mask, pixel_loss=result.pixel_loss,
+                target=masks, pred=logits.detach().argmax(1), source_yx=batch["source_yx"].to(device),
+                source_hw=batch["source_hw"], epoch=state.epoch,
+            )  # fmt: skip
         window_images += images.shape[0]
         last_batch = batch_index + 1 == num_batches
         if (batch_index + 1) % optim_cfg.accumulate and not last_batch:
@@ -174,6 +186,7 @@ def fit(
     run_dir: Path,
     config_dict: dict[str, Any],
     logger: Logger,
+    bank: HardPixelBank | None = None,
 ) -> TrainState:
     """Train from ``state.epoch`` to ``train_cfg.epochs``, evaluating and checkpointing.
 
@@ -191,6 +204,7 @@ def fit(
         train_stats = train_one_epoch(
             model=model, loss_fn=loss_fn, loader=train_loader, optimizer=optimizer, scheduler=scheduler,
             scaler=scaler, device=device, optim_cfg=optim_cfg, train_cfg=train_cfg, state=state, logger=logger,
+            bank=bank,
         )  # fmt: skip
         train_stats["train/epoch_seconds"] = time.perf_counter() - started
         state.epoch += 1
@@ -219,7 +233,10 @@ def fit(
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "train_state": asdict(state), "rng": capture_rng_state(), "config": config_dict,
                 "class_names": list(class_names), "metrics": record,
+                "bank": bank.state_dict() if bank is not None else None,
             }  # fmt: skip
+            if bank is not None:  # the store first: a checkpoint never points past its dictionary
+                save_bank(bank, run_dir / BANK_FILE, class_names=class_names, epoch=state.epoch)
             save_checkpoint(checkpoint, run_dir / "last.pt")
             if improved:
                 save_checkpoint(checkpoint, run_dir / "best.pt")

@@ -1,0 +1,73 @@
+"""Questions asked of a hard-pixel store: hardest images, most confused pairs, hardness per class."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from segohem.bank_store import connect, read_meta
+
+
+def hardest_images(path: str | Path, *, class_name: str | None = None, top: int = 10) -> list[dict[str, Any]]:
+    """Images ranked by score (EMA kept fraction x EMA hard loss), or by hard pixels of one class."""
+    class_names = read_meta(path)["class_names"]
+    with connect(path) as db:
+        if class_name is None:
+            rows = db.execute(
+                "SELECT sample_id, score, ema_kept_fraction, ema_hard_loss, hard_pixels, seen FROM samples "
+                "ORDER BY score DESC, sample_id LIMIT ?", (top,)
+            ).fetchall()  # fmt: skip
+            keys = ("sample_id", "score", "ema_kept_fraction", "ema_hard_loss", "hard_pixels", "seen")
+            return [dict(zip(keys, row, strict=True)) for row in rows]
+        if class_name not in class_names:
+            raise ValueError(f"unknown class {class_name!r}; classes: {', '.join(class_names)}")
+        rows = db.execute(
+            "SELECT c.sample_id, SUM(c.pixels) AS hard, s.score FROM sample_confusion c "
+            "JOIN samples s USING(sample_id) WHERE c.true_class = ? GROUP BY c.sample_id "
+            "ORDER BY hard DESC, c.sample_id LIMIT ?", (class_names.index(class_name), top)
+        ).fetchall()  # fmt: skip
+    return [{"sample_id": s, f"hard_{class_name}_pixels": h, "score": sc} for s, h, sc in rows]
+
+
+def confused_pairs(path: str | Path, *, top: int = 10) -> list[dict[str, Any]]:
+    """(true, predicted) class pairs with the most hard pixels, excluding correct-but-unsure ones."""
+    class_names = read_meta(path)["class_names"]
+    with connect(path) as db:
+        rows = db.execute(
+            "SELECT true_class, pred_class, SUM(pixels) AS n, COUNT(DISTINCT sample_id) FROM sample_confusion "
+            "WHERE true_class != pred_class GROUP BY true_class, pred_class ORDER BY n DESC LIMIT ?", (top,)
+        ).fetchall()  # fmt: skip
+    return [{"true": class_names[t], "predicted": class_names[p], "hard_pixels": n, "images": k} for t, p, n, k in rows]
+
+
+def class_hardness(path: str | Path) -> list[dict[str, Any]]:
+    """Per epoch and class: the fraction of the class's training pixels that were hard."""
+    with connect(path) as db:
+        rows = db.execute(
+            "SELECT epoch, class_name, hard_pixels, valid_pixels, hard_fraction FROM epoch_classes "
+            "ORDER BY epoch, class_id"
+        ).fetchall()
+    keys = ("epoch", "class", "hard_pixels", "valid_pixels", "hard_fraction")
+    return [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+def format_rows(rows: list[dict[str, Any]], fmt: str) -> str:
+    """Render rows as an aligned table, CSV or JSON."""
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if not rows:
+        return "(no rows)"
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue().rstrip("\n")
+    cells = [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()] for row in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(rows[0])]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(rows[0], widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)) for cell in cells]
+    return "\n".join(lines)

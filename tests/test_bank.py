@@ -1,0 +1,186 @@
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from segohem.bank import HardPixelBank
+from segohem.bank_report import class_hardness, confused_pairs, format_rows, hardest_images
+from segohem.bank_store import load_bank, load_mined, read_meta, save_bank, save_mined
+from segohem.config import load_config
+from segohem.data import build_dataset
+
+CLASSES = ("a", "b", "c")
+
+
+def identity_coords(n, h, w):
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack([rows, cols]).float().expand(n, 2, h, w), torch.tensor([[h, w]] * n)
+
+
+def update(bank, *, hard, loss, target, pred, sample_ids=("x",), epoch=0):
+    n, h, w = hard.shape
+    source_yx, source_hw = identity_coords(n, h, w)
+    bank.update(
+        sample_ids=list(sample_ids), hard_mask=hard, pixel_loss=loss, target=target, pred=pred,
+        source_yx=source_yx, source_hw=source_hw, epoch=epoch,
+    )  # fmt: skip
+
+
+def test_update_arithmetic_by_hand():
+    bank = HardPixelBank(3, cell_size=2, momentum=0.5)
+    target = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 255, 255], [2, 2, 255, 255]]])
+    pred = torch.tensor([[[0, 1, 1, 1], [0, 0, 0, 1], [1, 2, 0, 0], [2, 2, 0, 0]]])
+    hard = torch.zeros(1, 4, 4, dtype=torch.bool)
+    hard[0, 0, 1] = hard[0, 1, 2] = hard[0, 2, 0] = hard[0, 0, 0] = True
+    loss = torch.full((1, 4, 4), 0.1)
+    loss[hard] = torch.tensor([1.0, 2.0, 3.0, 2.0])
+    update(bank, hard=hard, loss=loss, target=target, pred=pred)
+    s = bank.samples["x"]
+    assert s.seen == 1 and s.ema_kept_fraction == pytest.approx(4 / 12) and s.ema_hard_loss == pytest.approx(2.0)
+    # hard pixels: (0,0) a->a, (0,1) a->b, (1,2) b->a, (2,0) c->b
+    assert s.confusion.tolist() == [[1, 1, 0], [1, 0, 0], [0, 1, 0]]
+    np.testing.assert_allclose(s.hardness, [[0.5, 0.25], [0.25, np.nan]])
+    assert bank.epochs[0].hard.tolist() == [2, 1, 1] and bank.epochs[0].valid.tolist() == [4, 4, 4]
+    # second observation: nothing hard; EMAs halve, cell sums decay by momentum
+    update(bank, hard=torch.zeros_like(hard), loss=loss, target=target, pred=pred, epoch=1)
+    assert s.seen == 2 and s.ema_kept_fraction == pytest.approx(2 / 12) and s.ema_hard_loss == pytest.approx(1.0)
+    np.testing.assert_allclose(s.hardness, [[1 / 6, 0.5 / 6], [0.5 / 6, np.nan]])
+    assert bank.epochs[1].hard.tolist() == [0, 0, 0]
+
+
+def test_state_dict_round_trip(tmp_path):
+    bank = HardPixelBank(3, cell_size=2)
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 3, (2, 6, 6), generator=gen)
+    update(bank, hard=torch.rand(2, 6, 6, generator=gen) > 0.5, loss=torch.rand(2, 6, 6, generator=gen),
+           target=target, pred=torch.randint(0, 3, (2, 6, 6), generator=gen), sample_ids=("p", "q"))  # fmt: skip
+    torch.save({"bank": bank.state_dict()}, tmp_path / "ck.pt")
+    restored = HardPixelBank(1)
+    restored.load_state_dict(torch.load(tmp_path / "ck.pt", weights_only=False)["bank"])
+    assert restored.samples.keys() == bank.samples.keys()
+    for key in bank.samples:
+        a, b = bank.samples[key], restored.samples[key]
+        assert a.seen == b.seen and a.ema_hard_loss == b.ema_hard_loss
+        assert np.array_equal(a.hard_acc, b.hard_acc) and np.array_equal(a.confusion, b.confusion)
+    assert np.array_equal(restored.epochs[0].hard, bank.epochs[0].hard)
+
+
+def test_known_hard_region_lands_in_the_right_cells_under_crop_scale_and_flip():
+    cfg = load_config(
+        None,
+        ["data.image_size=[96, 128]", "augment.scale=[0.6, 1.4]", "augment.crop=[64, 64]", "augment.hflip=0.5"],
+    )
+    dataset = build_dataset(cfg.data, cfg.augment, split="train", train=True, seed=0)
+    region = np.zeros((96, 128), bool)
+    region[16:40, 8:48] = True  # the hard region, in original coordinates (off-centre: flips matter)
+    bank = HardPixelBank(7, cell_size=8)
+    for epoch in range(30):
+        dataset.set_epoch(epoch)
+        sample = dataset[0]
+        yx = sample["source_yx"].long()
+        valid = sample["mask"] != 255
+        hard = torch.from_numpy(region)[yx[0].clamp(0, 95), yx[1].clamp(0, 127)] & valid
+        bank.update(
+            sample_ids=["s"], hard_mask=hard[None], pixel_loss=hard[None].float(), target=sample["mask"][None],
+            pred=sample["mask"][None], source_yx=sample["source_yx"][None], source_hw=sample["source_hw"][None],
+            epoch=epoch,
+        )  # fmt: skip
+    hardness = bank.samples["s"].hardness  # (12, 16) cells of 8x8
+    inside = region.reshape(12, 8, 16, 8).all(axis=(1, 3))
+    outside = ~region.reshape(12, 8, 16, 8).any(axis=(1, 3))
+    seen = ~np.isnan(hardness)
+    assert seen[inside].mean() > 0.8 and seen[outside].mean() > 0.5  # crops covered most of the image
+    assert np.all(hardness[inside & seen] == 1.0)
+    assert np.all(hardness[outside & seen] == 0.0)
+
+
+def filled_bank():
+    bank = HardPixelBank(3, cell_size=4)
+    target = torch.tensor([[[0, 1], [2, 2]], [[1, 1], [1, 1]]]).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    pred = torch.zeros_like(target)
+    hard = target > 0
+    update(bank, hard=hard, loss=hard.float() * 2, target=target, pred=pred, sample_ids=("img1", "img2"))
+    return bank
+
+
+def test_store_round_trip_and_queries(tmp_path):
+    path = tmp_path / "bank.sqlite"
+    bank = filled_bank()
+    save_bank(bank, path, class_names=CLASSES, epoch=1)
+    restored = load_bank(path)
+    for key, stats in bank.samples.items():
+        np.testing.assert_allclose(restored.samples[key].hardness, stats.hardness, rtol=1e-3)
+        assert np.array_equal(restored.samples[key].confusion, stats.confusion)
+    assert read_meta(path)["class_names"] == list(CLASSES)
+    top = hardest_images(path)
+    assert [r["sample_id"] for r in top] == ["img2", "img1"]  # all 64 pixels hard vs 48 of 64
+    by_class = hardest_images(path, class_name="c")
+    assert [r["sample_id"] for r in by_class] == ["img1"] and by_class[0]["hard_c_pixels"] == 32
+    pairs = confused_pairs(path)
+    assert pairs == [
+        {"true": "b", "predicted": "a", "hard_pixels": 80, "images": 2},
+        {"true": "c", "predicted": "a", "hard_pixels": 32, "images": 1},
+    ]
+    history = class_hardness(path)
+    assert {(r["class"], r["hard_fraction"]) for r in history} == {("a", 0.0), ("b", 1.0), ("c", 1.0)}
+    assert "sample_id" in format_rows(top, "csv").splitlines()[0]
+    with pytest.raises(ValueError, match="unknown class 'z'"):
+        hardest_images(path, class_name="z")
+
+
+def test_mined_masks_are_exact_and_small(tmp_path):
+    path = tmp_path / "mined.sqlite"
+    gen = np.random.default_rng(0)
+    yy, xx = np.mgrid[:360, :480]
+    loss = (np.sin(yy / 20.0) + np.cos(xx / 30.0) + 2).astype(np.float32) * 1.5 + gen.random((360, 480)) * 0.01
+    hard = loss > 4.0
+    save_mined(path, [("frame", hard, loss)])
+    mask, loss_back = load_mined(path, "frame")
+    assert np.array_equal(mask, hard)
+    np.testing.assert_allclose(loss_back, loss, rtol=0.04, atol=0.02)
+    assert path.stat().st_size < 200_000
+
+
+def test_a_kill_during_a_save_leaves_the_previous_state_readable(tmp_path):
+    path = tmp_path / "bank.sqlite"
+    save_bank(filled_bank(), path, class_names=CLASSES, epoch=1)
+    script = textwrap.dedent(f"""
+        import os, signal
+        from contextlib import contextmanager
+        import numpy as np
+        from segohem import bank_store
+        from segohem.bank import HardPixelBank, SampleStats
+
+        real_connect = bank_store.connect
+
+        class KillAfterSamples:
+            def __init__(self, db):
+                self.db = db
+            def execute(self, *args):
+                return self.db.execute(*args)
+            def executemany(self, sql, rows):
+                self.db.executemany(sql, rows)
+                if sql.startswith("INSERT INTO samples"):
+                    os.kill(os.getpid(), signal.SIGKILL)  # die in the middle of the transaction
+
+        @contextmanager
+        def connect(path):
+            with real_connect(path) as db:
+                yield KillAfterSamples(db)
+
+        bank_store.connect = connect
+        bank = HardPixelBank(3, cell_size=4)
+        for i in range(50):
+            bank.samples[f"new{{i}}"] = SampleStats(
+                height=4, width=4, hard_acc=np.ones((1, 1), np.float32), seen_acc=np.ones((1, 1), np.float32),
+                confusion=np.zeros((3, 3), np.int64), seen=1)
+        bank_store.save_bank(bank, {str(path)!r}, class_names=("a", "b", "c"), epoch=2)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == -9, result.stderr
+    assert read_meta(path)["epoch"] == "1"
+    restored = load_bank(path)
+    assert sorted(restored.samples) == ["img1", "img2"]
