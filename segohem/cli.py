@@ -6,6 +6,7 @@ This is the one place that wires data, model, loss, optimizer, loggers and the l
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -16,21 +17,25 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from segohem.bank import HardPixelBank
-from segohem.config import Config, ConfigError, config_to_dict, load_config, save_config
+from segohem.bank_report import class_hardness, confused_pairs, format_rows, hardest_images
+from segohem.bank_store import load_bank, save_bank
+from segohem.config import Config, ConfigError, RefineConfig, config_to_dict, load_config, save_config
 from segohem.data import DatasetError, build_dataset, class_info
 from segohem.data.datasets import IMAGE_SUFFIXES
 from segohem.data.samplers import EpochShuffleSampler
 from segohem.data.transforms import build_eval_transform
 from segohem.engine.checkpoint import load_checkpoint, restore_rng_state
-from segohem.engine.loop import TrainState, autocast_context, evaluate, fit, seed_everything
+from segohem.engine.loop import BANK_FILE, TrainState, autocast_context, evaluate, fit, seed_everything
+from segohem.engine.mine import mine_split
 from segohem.engine.optim import build_optimizer, build_scheduler
 from segohem.metrics import format_table
 from segohem.model import build_model
 from segohem.ohem import OhemCrossEntropy
+from segohem.refine import BankDrivenDataset, WeightedEpochSampler, image_weights
 from segohem.tracking import LocalLogger
 from segohem.visualize import colorize_mask
 
@@ -54,13 +59,26 @@ def build_loss(cfg: Config) -> OhemCrossEntropy:
     )  # fmt: skip
 
 
-def build_loaders(cfg: Config) -> tuple[DataLoader[Any], DataLoader[Any]]:
-    train_set = build_dataset(cfg.data, cfg.augment, split="train", train=True, seed=cfg.run.seed)
+def build_loaders(cfg: Config, *, refine_bank: HardPixelBank | None = None) -> tuple[DataLoader[Any], DataLoader[Any]]:
+    """Train and val loaders; a ``refine_bank`` drives the sampler, crops and pixel weights."""
+    base_set = build_dataset(cfg.data, cfg.augment, split="train", train=True, seed=cfg.run.seed)
     val_set = build_dataset(cfg.data, cfg.augment, split="val", train=False, seed=cfg.run.seed)
+    train_set: Dataset[Any] = base_set
+    sampler: Sampler[int] = EpochShuffleSampler(len(base_set), seed=cfg.run.seed)
+    refine = cfg.refine
+    if refine_bank is not None and refine.sampler != "none":
+        sample_ids = [base_set.sample_id(i) for i in range(len(base_set))]
+        weights = image_weights(refine_bank, sample_ids, score=refine.sampler, floor=refine.sampler_floor)
+        sampler = WeightedEpochSampler(weights, seed=cfg.run.seed)
+    if refine_bank is not None and (refine.hard_crop_prob > 0 or refine.pixel_weight > 0):
+        train_set = BankDrivenDataset(
+            base_set, refine_bank, hard_crop_prob=refine.hard_crop_prob, crop_scale=refine.crop_scale,
+            sharpness=refine.crop_sharpness, pixel_weight=refine.pixel_weight,
+        )  # fmt: skip
     workers = cfg.data.num_workers
     train_loader = DataLoader(
-        train_set, batch_size=cfg.data.batch_size, sampler=EpochShuffleSampler(len(train_set), seed=cfg.run.seed),
-        num_workers=workers, drop_last=len(train_set) >= cfg.data.batch_size, pin_memory=torch.cuda.is_available(),
+        train_set, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=workers,
+        drop_last=len(base_set) >= cfg.data.batch_size, pin_memory=torch.cuda.is_available(),
     )  # fmt: skip
     val_loader = DataLoader(val_set, batch_size=cfg.data.val_batch_size, shuffle=False, num_workers=workers)
     return train_loader, val_loader
@@ -80,7 +98,8 @@ def run_train(cfg: Config, *, resume_from: Path | None) -> TrainState:
     torch.use_deterministic_algorithms(cfg.run.deterministic, warn_only=True)
     device = resolve_device(cfg.run.device)
     info = class_info(cfg.data)
-    train_loader, val_loader = build_loaders(cfg)
+    refine_bank = load_refine_bank(cfg.refine) if cfg.refine.init else None
+    train_loader, val_loader = build_loaders(cfg, refine_bank=refine_bank)
     model = build_model(cfg.model, num_classes=info.num_classes).to(device)
     loss_fn = build_loss(cfg).to(device)
     optimizer = build_optimizer(model, cfg.optim)
@@ -92,8 +111,11 @@ def run_train(cfg: Config, *, resume_from: Path | None) -> TrainState:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16" and device.type == "cuda")
     state = TrainState()
     bank = HardPixelBank(info.num_classes, cell_size=cfg.bank.cell_size, momentum=cfg.bank.momentum)
-    if resume_from is not None:
-        checkpoint = load_checkpoint(resume_from / "last.pt")
+    start_from = resume_from / "last.pt" if resume_from is not None else None
+    if start_from is None and cfg.refine.init:
+        start_from = Path(cfg.refine.init)
+    if start_from is not None:
+        checkpoint = load_checkpoint(start_from)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -102,7 +124,11 @@ def run_train(cfg: Config, *, resume_from: Path | None) -> TrainState:
         restore_rng_state(checkpoint["rng"])
         if checkpoint.get("bank"):
             bank.load_state_dict(checkpoint["bank"])
-        print(f"resuming {run_dir} after epoch {state.epoch} (step {state.step})")
+        if resume_from is None:  # a refinement stage: a new run that continues the schedule
+            state.best_miou, state.best_epoch = -1.0, -1
+            if refine_bank is not None:
+                bank.load_state_dict(copy.deepcopy(refine_bank.state_dict()))
+        print(f"continuing from {start_from} after epoch {state.epoch} (step {state.step})")
     logger = LocalLogger(run_dir, resume_step=state.step, resume_epoch=state.epoch)
     logger.log_config(config_to_dict(cfg))
     state = fit(
@@ -117,6 +143,21 @@ def run_train(cfg: Config, *, resume_from: Path | None) -> TrainState:
         f"(epoch {state.best_epoch}); run folder {run_dir}"
     )
     return state
+
+
+def load_refine_bank(refine: RefineConfig) -> HardPixelBank:
+    """The bank that drives a refinement stage: a mined store, or the init checkpoint's own bank."""
+    if refine.bank:
+        return load_bank(refine.bank)
+    state = load_checkpoint(refine.init).get("bank")
+    if not state or not state["samples"]:
+        raise ConfigError(
+            f"refine.init {refine.init} holds no hard-pixel bank; mine one with "
+            f"`segohem mine --checkpoint {refine.init}` and pass refine.bank=<store>"
+        )
+    bank = HardPixelBank(state["num_classes"])
+    bank.load_state_dict(state)
+    return bank
 
 
 def load_model_from_checkpoint(path: Path, overrides: list[str]) -> tuple[Config, torch.nn.Module, torch.device]:
@@ -178,6 +219,42 @@ def run_predict(checkpoint: Path, *, input_dir: Path, output_dir: Path, override
     return 1 if failed else 0
 
 
+def run_mine(checkpoint: Path, *, split: str, output: Path | None, overrides: list[str]) -> Path:
+    """Mine a split with a checkpoint into a hard-pixel store; returns the store's path."""
+    cfg, model, device = load_model_from_checkpoint(checkpoint, overrides)
+    info = class_info(cfg.data)
+    dataset = build_dataset(cfg.data, cfg.augment, split=split, train=False, seed=cfg.run.seed)
+    loader = DataLoader(dataset, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers)
+    output = output or checkpoint.parent / f"mined_{split}_{checkpoint.stem}.sqlite"
+    bank = HardPixelBank(info.num_classes, cell_size=cfg.bank.cell_size, momentum=cfg.bank.momentum)
+    started = time.perf_counter()
+    count = mine_split(
+        model=model, loader=loader, loss_fn=build_loss(cfg).to(device), device=device, bank=bank,
+        store_path=output, working_size=tuple(cfg.data.resize) if cfg.data.resize else None,  # type: ignore[arg-type]
+        amp=cfg.train.amp, progress=cfg.train.progress,
+    )  # fmt: skip
+    save_bank(bank, output, class_names=info.names, epoch=int(load_checkpoint(checkpoint)["train_state"]["epoch"]))
+    seconds = time.perf_counter() - started
+    size = output.stat().st_size
+    print(
+        f"mined {count} {split} images in {seconds:.1f}s ({count / seconds:.1f} images/s) into {output} "
+        f"({size / 1024:.0f} KiB, {size / max(count, 1) / 1024:.1f} KiB per image)"
+    )
+    return output
+
+
+def run_hard_pixels(store: Path, *, view: str, class_name: str | None, top: int, fmt: str) -> str:
+    if view == "images":
+        rows = hardest_images(store, class_name=class_name, top=top)
+    elif view == "pairs":
+        rows = confused_pairs(store, top=top)
+    else:
+        rows = class_hardness(store)
+    text = format_rows(rows, fmt)
+    print(text)
+    return text
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segohem", description="Segmentation training with pixel-level OHEM.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -195,6 +272,23 @@ def make_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", type=Path, required=True)
     pr.add_argument("--output", type=Path, required=True)
     pr.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    mi = commands.add_parser("mine", help="read-only pass over a split: exact hard masks and loss maps")
+    mi.add_argument("--checkpoint", type=Path, required=True)
+    mi.add_argument("--split", default="train", choices=("train", "val"))
+    mi.add_argument("--output", type=Path, help="store path (default: mined_<split>_<checkpoint>.sqlite beside it)")
+    mi.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    hp = commands.add_parser("hard-pixels", help="query a run's hard-pixel dictionary")
+    hp.add_argument("--run", type=Path, help="run folder (reads its hard_pixels.sqlite)")
+    hp.add_argument("--store", type=Path, help="a store file instead, e.g. one written by `mine`")
+    hp.add_argument("--view", default="images", choices=("images", "pairs", "classes"))
+    hp.add_argument("--class", dest="class_name", help="with --view images: hardest images for this class")
+    hp.add_argument("--top", type=int, default=10)
+    hp.add_argument("--format", default="table", choices=("table", "csv", "json"))
+    rf = commands.add_parser("refine", help="a refinement stage driven by a run's hard-pixel dictionary")
+    rf.add_argument("--run", type=Path, required=True, help="the base run folder")
+    rf.add_argument("--checkpoint", default="last.pt", help="checkpoint in the run folder to continue from")
+    rf.add_argument("--bank", type=Path, help="store driving the stage (default: the checkpoint's own bank)")
+    rf.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. refine.hard_crop_prob=0.5")
     return parser
 
 
@@ -212,11 +306,25 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = load_config(args.config, args.overrides)
             run_train(cfg, resume_from=args.resume)
             return 0
+        if args.command == "refine":
+            defaults = [f"run.output_dir={args.run.parent}", f"run.name={args.run.name}-refine",
+                        f"refine.init={args.run / args.checkpoint}", f"refine.bank={args.bank or ''}"]  # fmt: skip
+            run_train(load_config(args.run / "config.yaml", [*defaults, *args.overrides]), resume_from=None)
+            return 0
+        if args.command == "mine":
+            run_mine(args.checkpoint, split=args.split, output=args.output, overrides=args.overrides)
+            return 0
+        if args.command == "hard-pixels":
+            if (args.run is None) == (args.store is None):
+                raise ConfigError("give exactly one of --run DIR and --store FILE")
+            store = args.store or args.run / BANK_FILE
+            run_hard_pixels(store, view=args.view, class_name=args.class_name, top=args.top, fmt=args.format)
+            return 0
         if args.command == "eval":
             run_eval(args.checkpoint, split=args.split, overrides=args.overrides, output=args.output)
             return 0
         return run_predict(args.checkpoint, input_dir=args.input, output_dir=args.output, overrides=args.overrides)
-    except (ConfigError, DatasetError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, KeyError) as err:  # ConfigError, DatasetError included
         print(f"segohem {args.command}: error: {err}", file=sys.stderr)
         return 2
 

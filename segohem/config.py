@@ -89,6 +89,18 @@ class BankConfig:
 
 
 @dataclass
+class RefineConfig:
+    init: str = ""  # checkpoint to continue from (e.g. runs/x/epoch015.pt); empty: no refinement stage
+    bank: str = ""  # hard-pixel store driving the stage (e.g. from `segohem mine`); empty: the checkpoint's
+    sampler: str = "none"  # none | image (EMA kept fraction x hard loss) | class (equal mass per class)
+    sampler_floor: float = 0.3  # no image is drawn less than this fraction of the mean rate
+    hard_crop_prob: float = 0.0  # probability a sample is a crop centred on a hard region
+    crop_scale: float = 1.0  # hard crops come from the image resized by this (2.0 on half-res = full-res)
+    crop_sharpness: float = 2.0  # crop centres are drawn in proportion to hardness ** this
+    pixel_weight: float = 0.0  # alpha: kept pixels weigh 1 + alpha * their cell's stored hardness
+
+
+@dataclass
 class OptimConfig:
     name: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
@@ -120,6 +132,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     ohem: OhemConfig = field(default_factory=OhemConfig)
     bank: BankConfig = field(default_factory=BankConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -129,6 +142,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "ohem.mode": ("threshold", "topk", "none"),
     "ohem.scope": ("image", "batch"),
     "optim.name": ("adamw", "sgd"),
+    "refine.sampler": ("none", "image", "class"),
     "train.amp": ("none", "bf16", "fp16"),
 }
 

@@ -58,15 +58,31 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.finish(index, *self.load(index, scale=1.0))
+
+    def load(self, index: int, *, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
+        """Read, then resize to ``data.resize`` times ``scale`` (area for images, nearest for labels).
+
+        Returns (image (H, W, 3) uint8, mask (H, W), source_yx (H, W, 2) float32 original row/col,
+        original (height, width)).
+        """
         image, mask = self.read(index)
         original_hw = image.shape[:2]
         rows, cols = np.meshgrid(np.arange(original_hw[0]), np.arange(original_hw[1]), indexing="ij")
         source_yx: np.ndarray = np.stack([rows, cols], axis=-1).astype(np.float32)  # (H0, W0, 2)
-        if self.resize:
-            height, width = self.resize
-            image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+        height, width = self.resize or original_hw
+        height, width = round(height * scale), round(width * scale)
+        if (height, width) != original_hw:
+            shrink = height * width < original_hw[0] * original_hw[1]
+            image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
             mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
             source_yx = cv2.resize(source_yx, (width, height), interpolation=cv2.INTER_NEAREST)
+        return image, mask, source_yx, (original_hw[0], original_hw[1])
+
+    def finish(
+        self, index: int, image: np.ndarray, mask: np.ndarray, source_yx: np.ndarray, original_hw: tuple[int, int]
+    ) -> dict[str, Any]:
+        """Apply the (seeded) transform and convert to tensors; see the class docstring for keys."""
         if self.transform is not None:
             if hasattr(self.transform, "set_random_seed"):
                 self.transform.set_random_seed(zlib.crc32(f"{self.seed}/{self.epoch}/{index}".encode()))

@@ -1,0 +1,58 @@
+"""The offline mining pass: the paper's read-only network over a whole split, no augmentation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from segohem.bank import HardPixelBank
+from segohem.bank_store import save_mined
+from segohem.engine.loop import autocast_context
+from segohem.ohem import OhemCrossEntropy
+
+
+@torch.no_grad()
+def mine_split(
+    *,
+    model: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    loss_fn: OhemCrossEntropy,
+    device: torch.device,
+    bank: HardPixelBank,
+    store_path: Path,
+    working_size: tuple[int, int] | None,
+    amp: str = "none",
+    progress: bool = True,
+) -> int:
+    """Record every image's exact hard mask and loss map, and fold the statistics into ``bank``.
+
+    Masks are stored at the resolution the model saw (``working_size``, or each image's
+    original size when None), padding removed. Each batch is its own transaction, so a killed
+    pass keeps what it finished. Returns the number of images mined.
+    """
+    model.eval()
+    count = 0
+    for batch in tqdm(loader, desc="mine", disable=not progress):
+        images, masks = batch["image"].to(device), batch["mask"].to(device)
+        with autocast_context(device, amp):
+            logits = model(images)
+        result = loss_fn(logits.float(), masks)
+        bank.update(
+            sample_ids=batch["sample_id"], hard_mask=result.hard_mask, pixel_loss=result.pixel_loss, target=masks,
+            pred=logits.argmax(1), source_yx=batch["source_yx"].to(device), source_hw=batch["source_hw"], epoch=0,
+        )  # fmt: skip
+        rows = []
+        for i, sample_id in enumerate(batch["sample_id"]):
+            height, width = working_size or tuple(batch["source_hw"][i].tolist())
+            rows.append((
+                sample_id, result.hard_mask[i, :height, :width].cpu().numpy(),
+                result.pixel_loss[i, :height, :width].cpu().numpy(),
+            ))  # fmt: skip
+        save_mined(store_path, rows)
+        count += len(rows)
+    return count

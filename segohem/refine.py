@@ -1,0 +1,145 @@
+"""Refinement driven by the hard-pixel bank: which images to draw (sampler), where to crop, how
+much each pixel weighs. Samplers choose images; the dataset wrapper chooses crops and weights.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from segohem.bank import HardPixelBank
+from segohem.data.datasets import SegmentationDataset
+
+SAMPLER_SCORES = ("none", "image", "class")
+
+
+def image_weights(bank: HardPixelBank, sample_ids: list[str], *, score: str, floor: float) -> np.ndarray:
+    """Sampling weight per image, mean 1, never below ``floor`` (so easy images are not forgotten).
+
+    score ``image``: EMA kept fraction x EMA hard loss. score ``class``: every class gets the
+    same total mass, spread over images by their share of that class's hard pixels (rare
+    classes are drawn as often as common ones; DAFormer's rare-class sampling, on hard pixels).
+    Images the bank has not seen get weight 1.
+    """
+    if score not in SAMPLER_SCORES or score == "none":
+        raise ValueError(f"sampler score {score!r} is unknown; valid: image, class")
+    known = [bank.samples.get(s) for s in sample_ids]
+    if score == "image":
+        raw = np.array([s.score if s is not None else np.nan for s in known])
+    else:
+        per_class = np.stack([s.confusion.sum(1) if s is not None else np.zeros(bank.num_classes) for s in known])
+        totals = per_class.sum(0)
+        raw = (per_class[:, totals > 0] / totals[totals > 0]).sum(1)
+        raw[[s is None for s in known]] = np.nan
+    seen = ~np.isnan(raw)
+    weights = np.ones(len(sample_ids))
+    if seen.any() and raw[seen].mean() > 0:
+        scaled = raw[seen] / raw[seen].mean()
+        weights[seen] = np.maximum(scaled, floor)
+    return weights / weights.mean()
+
+
+class WeightedEpochSampler(Sampler[int]):
+    """Draws ``len(weights)`` indices per epoch with replacement, in proportion to ``weights``.
+
+    Seeded from (seed, epoch) and identical on every rank (each rank takes every
+    world_size-th draw), so it is deterministic and DDP-consistent; the epoch length, and so
+    the LR schedule, is unchanged.
+    """
+
+    def __init__(self, weights: np.ndarray, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.weights) // self.world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/weighted/{self.epoch}".encode()))
+        draws = torch.multinomial(self.weights, len(self) * self.world_size, replacement=True, generator=generator)
+        return iter(draws.tolist()[self.rank :: self.world_size])
+
+
+class BankDrivenDataset(Dataset[dict[str, Any]]):
+    """Wraps a training dataset: hard-region crops and per-pixel weights from the bank.
+
+    hard_crop_prob: probability that a sample is a window of the base sample's size, cut from
+        the image resized by ``crop_scale`` (2.0 on half-resolution data = full resolution)
+        around a cell drawn in proportion to hardness**sharpness.
+    pixel_weight: alpha; every pixel gets weight 1 + alpha * hardness of its original cell.
+    """
+
+    def __init__(
+        self,
+        base: SegmentationDataset,
+        bank: HardPixelBank,
+        *,
+        hard_crop_prob: float = 0.0,
+        crop_scale: float = 1.0,
+        sharpness: float = 2.0,
+        pixel_weight: float = 0.0,
+    ) -> None:
+        self.base, self.bank = base, bank
+        self.hard_crop_prob, self.crop_scale, self.sharpness = hard_crop_prob, crop_scale, sharpness
+        self.pixel_weight = pixel_weight
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def _hardness(self, sample_id: str) -> np.ndarray | None:
+        stats = self.bank.samples.get(sample_id)
+        return None if stats is None else np.nan_to_num(stats.hardness, nan=0.0)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        base = self.base
+        rng = np.random.default_rng(zlib.crc32(f"{base.seed}/refine/{base.epoch}/{index}".encode()))
+        hardness = self._hardness(base.sample_id(index))
+        if hardness is not None and hardness.max() > 0 and rng.random() < self.hard_crop_prob:
+            sample = base.finish(index, *self._hard_crop(index, hardness, rng))
+        else:
+            sample = base[index]
+        if self.pixel_weight > 0:
+            sample["pixel_weight"] = self._pixel_weight(sample, hardness)
+        return sample
+
+    def _hard_crop(
+        self, index: int, hardness: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
+        image, mask, source_yx, original_hw = self.base.load(index, scale=self.crop_scale)
+        out_h, out_w = self.base.resize or original_hw
+        probs = hardness.ravel() ** self.sharpness
+        cell = int(rng.choice(probs.size, p=probs / probs.sum()))
+        cell_size = self.bank.cell_size
+        # centre in original pixels -> in the scaled image's pixels
+        centre_y = ((cell // hardness.shape[1]) + rng.random()) * cell_size * image.shape[0] / original_hw[0]
+        centre_x = ((cell % hardness.shape[1]) + rng.random()) * cell_size * image.shape[1] / original_hw[1]
+        top = int(np.clip(round(centre_y - out_h / 2), 0, max(0, image.shape[0] - out_h)))
+        left = int(np.clip(round(centre_x - out_w / 2), 0, max(0, image.shape[1] - out_w)))
+        window = (slice(top, top + out_h), slice(left, left + out_w))
+        image, mask, source_yx = image[window], mask[window], source_yx[window]
+        if image.shape[:2] != (out_h, out_w):  # scaled image smaller than the window: pad with ignore
+            pad = ((0, out_h - image.shape[0]), (0, out_w - image.shape[1]))
+            image = np.pad(image, (*pad, (0, 0)))
+            mask = np.pad(mask, pad, constant_values=self.base.ignore_index)
+            source_yx = np.pad(source_yx, (*pad, (0, 0)))
+        return image, mask, source_yx, original_hw
+
+    def _pixel_weight(self, sample: dict[str, Any], hardness: np.ndarray | None) -> torch.Tensor:
+        weight = torch.ones(sample["mask"].shape)
+        if hardness is None:
+            return weight
+        cells = (sample["source_yx"] / self.bank.cell_size).floor().long()
+        rows = cells[0].clamp(0, hardness.shape[0] - 1)
+        cols = cells[1].clamp(0, hardness.shape[1] - 1)
+        return weight + self.pixel_weight * torch.from_numpy(hardness).float()[rows, cols]
