@@ -31,6 +31,44 @@ METHODS: dict[str, list[str]] = {
     "threshold": ["ohem.mode=threshold", "ohem.thresh=0.7", "ohem.min_kept=0.1"],
     "topk": ["ohem.mode=topk", "ohem.top_k=0.2"],
 }
+# Refinement stages: epochs 16-20 of a base run, continued from its epoch-15 snapshot and
+# driven by a read-only mining pass of that snapshot over the train split.
+REFINE_BASE, REFINE_FROM = "threshold", "epoch015.pt"
+REFINE_METHODS: dict[str, list[str]] = {
+    "refine-sample": ["refine.sampler=image", "refine.sampler_floor=0.3"],
+    "refine-crop": ["refine.hard_crop_prob=0.5", "refine.crop_scale=2.0"],
+    "refine-weight": ["refine.pixel_weight=2.0"],
+    "refine-all": ["refine.sampler=class", "refine.hard_crop_prob=0.5", "refine.crop_scale=2.0",
+                   "refine.pixel_weight=1.0"],
+}  # fmt: skip
+
+
+def segohem(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "segohem.cli", *arguments]
+
+
+def commands_for(method: str, seed: int, args: argparse.Namespace) -> tuple[list[list[str]], list[str]]:
+    """The commands that (re)produce one run, and the overrides that define the method."""
+    name, run_dir = f"{method}-s{seed}", args.runs / f"{method}-s{seed}"
+    if (run_dir / "last.pt").exists():  # interrupted: resume it (its config.yaml holds everything)
+        return [segohem("train", "--resume", str(run_dir), "train.progress=false")], []
+    if method in METHODS:
+        overrides = [
+            f"run.output_dir={args.runs}", f"run.name={name}", f"run.seed={seed}", f"data.root={args.data_root}",
+            f"model.encoder_weights={args.weights}", "train.progress=false", "train.snapshot_epochs=[15]",
+            "train.eval_every=5", *METHODS[method],
+        ]  # fmt: skip
+        return [segohem("train", "--config", str(ROOT / "configs" / "camvid.yaml"), *overrides)], METHODS[method]
+    base_dir = args.runs / f"{REFINE_BASE}-s{seed}"
+    snapshot = base_dir / REFINE_FROM
+    if not snapshot.exists():
+        raise FileNotFoundError(f"{name} needs {snapshot}: run the {REFINE_BASE} method for seed {seed} first")
+    store = base_dir / f"mined_train_{snapshot.stem}.sqlite"
+    mine = [] if store.exists() else [segohem("mine", "--checkpoint", str(snapshot), "--output", str(store),
+                                              "train.progress=false")]  # fmt: skip
+    refine = segohem("refine", "--run", str(base_dir), "--checkpoint", REFINE_FROM, "--bank", str(store),
+                     f"run.name={name}", "train.eval_every=5", *REFINE_METHODS[method])  # fmt: skip
+    return [*mine, refine], [f"from {REFINE_BASE} {REFINE_FROM}", *REFINE_METHODS[method]]
 
 
 def run_one(method: str, seed: int, args: argparse.Namespace) -> Path:
@@ -40,29 +78,24 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> Path:
         return result_path
     name = f"{method}-s{seed}"
     run_dir = args.runs / name
-    overrides = [
-        f"run.output_dir={args.runs}", f"run.name={name}", f"run.seed={seed}", f"data.root={args.data_root}",
-        f"model.encoder_weights={args.weights}", "train.progress=false", "train.snapshot_epochs=[15]",
-        *METHODS[method],
-    ]  # fmt: skip
-    command = [sys.executable, "-m", "segohem.cli", "train", "--config", str(ROOT / "configs" / "camvid.yaml")]
-    if (run_dir / "last.pt").exists():
-        command += ["--resume", str(run_dir)]
+    commands, definition = commands_for(method, seed, args)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     started = time.perf_counter()
     args.runs.mkdir(parents=True, exist_ok=True)
-    log_path = args.runs / f"{name}.log"
-    with log_path.open("a") as log:
-        subprocess.run([*command, *overrides], check=True, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    with (args.runs / f"{name}.log").open("a") as log:
+        for command in commands:
+            log.write(f"$ {' '.join(command)}\n")
+            log.flush()
+            subprocess.run(command, check=True, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     records = [json.loads(line) for line in (run_dir / "epochs.jsonl").read_text().splitlines()]
     final = records[-1]
     result = {
-        "method": method, "seed": seed, "overrides": METHODS[method], "epochs": final["epoch"],
-        "final_miou": final["val/miou"], "best_miou": max(r["val/miou"] for r in records),
+        "method": method, "seed": seed, "definition": definition, "epochs": final["epoch"],
+        "final_miou": final["val/miou"], "best_miou": max(r["val/miou"] for r in records if "val/miou" in r),
         "final_iou": {k.removeprefix("val/iou/"): v for k, v in final.items() if k.startswith("val/iou/")},
         "wall_seconds_this_sitting": time.perf_counter() - started,
         "train_seconds": sum(r["train/epoch_seconds"] for r in records), "threads": args.threads,
-        "command": " ".join([*command, *overrides]),
+        "commands": [" ".join(c) for c in commands],
     }  # fmt: skip
     args.results.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(result, indent=2))
@@ -103,7 +136,7 @@ def summarize(results_dir: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *REFINE_METHODS])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (one per core)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")

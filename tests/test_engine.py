@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,9 +60,15 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
     got = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
     assert [r["train/loss"] for r in got] == [r["train/loss"] for r in expected]
-    model_a = load_checkpoint(tmp_path / "straight" / "last.pt")["model"]
-    model_b = load_checkpoint(tmp_path / "resumed" / "last.pt")["model"]
-    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    checkpoint_a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    checkpoint_b = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert all(torch.equal(checkpoint_a["model"][k], checkpoint_b["model"][k]) for k in checkpoint_a["model"])
+    bank_a, bank_b = checkpoint_a["bank"]["samples"], checkpoint_b["bank"]["samples"]
+    assert bank_a.keys() == bank_b.keys() and len(bank_a) == 8
+    for key in bank_a:  # the dictionary went through the checkpoint and came back intact
+        assert bank_a[key]["seen"] == bank_b[key]["seen"] == 3
+        assert np.array_equal(bank_a[key]["hard_acc"], bank_b[key]["hard_acc"])
+        assert np.array_equal(bank_a[key]["confusion"], bank_b[key]["confusion"])
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

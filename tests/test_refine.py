@@ -1,0 +1,104 @@
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from segohem.bank import HardPixelBank, SampleStats
+from segohem.cli import main, run_train
+from segohem.config import load_config
+from segohem.data import build_dataset
+from segohem.refine import BankDrivenDataset, WeightedEpochSampler, image_weights
+
+from .conftest import tiny_config
+
+
+def stats(score, class_hard, grid=(12, 16)):
+    confusion = np.diag(np.asarray(class_hard, np.int64))
+    return SampleStats(
+        height=96, width=128, hard_acc=np.zeros(grid, np.float32), seen_acc=np.ones(grid, np.float32),
+        confusion=confusion, seen=1, ema_kept_fraction=1.0, ema_hard_loss=score,
+    )  # fmt: skip
+
+
+def test_image_weights_favour_hard_images_with_a_floor():
+    bank = HardPixelBank(2)
+    bank.samples = {"easy": stats(0.01, [10, 0]), "mid": stats(1.0, [10, 0]), "hard": stats(4.0, [10, 0])}
+    weights = image_weights(bank, ["easy", "mid", "hard", "unseen"], score="image", floor=0.3)
+    assert weights.mean() == pytest.approx(1.0)
+    assert weights[2] > weights[1] > weights[0]
+    assert weights[0] / weights[1] == pytest.approx(0.3 / (1.0 / (5.01 / 3)))  # floor: 0.3 x mean score
+    # class mode: the one image with hard pixels of the rare class 1 carries half the mass
+    bank.samples["mid"] = stats(1.0, [10, 2])
+    weights = image_weights(bank, ["easy", "mid", "hard"], score="class", floor=0.0)
+    assert weights.argmax() == 1
+
+
+def test_weighted_sampler_is_deterministic_proportional_and_rank_consistent():
+    weights = np.array([1.0, 1.0, 1.0, 5.0])
+    sampler = WeightedEpochSampler(weights, seed=1)
+    first = list(sampler)
+    assert len(first) == 4 and list(sampler) == first
+    counts: Counter[int] = Counter()
+    for epoch in range(500):
+        sampler.set_epoch(epoch)
+        counts.update(sampler)
+    assert counts[3] / 2000 == pytest.approx(5 / 8, abs=0.03)
+    assert counts[0] / 2000 == pytest.approx(1 / 8, abs=0.03)
+    ranks = [list(WeightedEpochSampler(weights, seed=1, rank=r, world_size=2)) for r in range(2)]
+    sampler.set_epoch(0)
+    merged = [i for pair in zip(*ranks, strict=True) for i in pair]
+    assert sorted(merged) == sorted(WeightedEpochSampler(weights, seed=1).__iter__())
+
+
+def hard_corner_bank():
+    bank = HardPixelBank(7, cell_size=8)
+    hardness = np.zeros((12, 16), np.float32)
+    hardness[9:12, 13:16] = 1.0  # bottom-right corner of the 96x128 original
+    bank.samples["synthetic-train-00000"] = SampleStats(
+        height=96, width=128, hard_acc=hardness.copy(), seen_acc=np.ones_like(hardness),
+        confusion=np.zeros((7, 7), np.int64), seen=1,
+    )  # fmt: skip
+    return bank
+
+
+def test_hard_crops_are_centred_on_hard_regions_and_weights_follow_the_map():
+    cfg = load_config(None, ["data.image_size=[96, 128]", "data.resize=[48, 64]", "augment.hflip=0.0"])
+    base = build_dataset(cfg.data, cfg.augment, split="train", train=True, seed=0)
+    wrapped = BankDrivenDataset(base, hard_corner_bank(), hard_crop_prob=1.0, crop_scale=2.0, pixel_weight=3.0)
+    for epoch in range(5):
+        wrapped.set_epoch(epoch)
+        sample = wrapped[0]
+        assert sample["image"].shape == (3, 64, 64)  # 48x64 working size, padded to 64x64
+        rows, cols = sample["source_yx"][0, :48], sample["source_yx"][1, :48]
+        # a full-resolution window (one source pixel per pixel) that contains the hard corner
+        assert torch.all(cols[:, 1:] - cols[:, :-1] == 1)
+        assert rows.max() >= 72 and cols.max() >= 104
+        in_corner = (rows >= 72) & (cols >= 104)
+        assert torch.allclose(sample["pixel_weight"][:48][in_corner], torch.tensor(4.0))
+        assert torch.allclose(sample["pixel_weight"][:48][~in_corner], torch.tensor(1.0))
+    plain = BankDrivenDataset(base, hard_corner_bank(), hard_crop_prob=0.0)[0]
+    assert torch.equal(plain["image"], base[0]["image"]) and "pixel_weight" not in plain
+
+
+def test_mine_query_and_refine_end_to_end(tmp_path, capsys):
+    run_train(tiny_config(tmp_path, "train.snapshot_epochs=[1]"), resume_from=None)
+    run_dir = tmp_path / "tiny"
+    store = tmp_path / "mined.sqlite"
+    assert main(["mine", "--checkpoint", str(run_dir / "epoch001.pt"), "--output", str(store),
+                 "train.progress=false"]) == 0  # fmt: skip
+    assert "mined 8 train images" in capsys.readouterr().out
+    assert main(["hard-pixels", "--store", str(store), "--format", "json", "--top", "3"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 3 and rows[0]["score"] >= rows[1]["score"] >= rows[2]["score"]
+    assert main(["hard-pixels", "--run", str(run_dir), "--view", "classes", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.startswith("epoch,class,hard_pixels")
+    code = main(["refine", "--run", str(run_dir), "--checkpoint", "epoch001.pt", "--bank", str(store),
+                 "refine.sampler=class", "refine.hard_crop_prob=0.5", "refine.pixel_weight=1.0"])  # fmt: skip
+    assert code == 0
+    refined = tmp_path / "tiny-refine"
+    steps = [json.loads(line)["step"] for line in (refined / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 4]  # epoch 2 of the schedule, continued from the epoch-1 snapshot
+    assert (refined / "hard_pixels.sqlite").is_file() and (refined / "best.pt").is_file()
+    assert main(["hard-pixels", "--run", str(run_dir), "--class", "nothing"]) == 2
