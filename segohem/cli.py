@@ -36,8 +36,9 @@ from segohem.metrics import format_table
 from segohem.model import build_model
 from segohem.ohem import OhemCrossEntropy
 from segohem.refine import BankDrivenDataset, WeightedEpochSampler, image_weights
-from segohem.tracking import LocalLogger
+from segohem.tracking import LocalLogger, MultiLogger
 from segohem.visualize import colorize_mask
+from segohem.wandb_logger import WandbLogger
 
 
 def resolve_device(name: str) -> torch.device:
@@ -129,7 +130,10 @@ def run_train(cfg: Config, *, resume_from: Path | None) -> TrainState:
             if refine_bank is not None:
                 bank.load_state_dict(copy.deepcopy(refine_bank.state_dict()))
         print(f"continuing from {start_from} after epoch {state.epoch} (step {state.step})")
-    logger = LocalLogger(run_dir, resume_step=state.step, resume_epoch=state.epoch)
+    logger = MultiLogger(
+        LocalLogger(run_dir, resume_step=state.step, resume_epoch=state.epoch, classes=info),
+        WandbLogger(cfg.wandb, run_dir=run_dir, run_name=cfg.run.name, config=config_to_dict(cfg), classes=info),
+    )
     logger.log_config(config_to_dict(cfg))
     state = fit(
         model=model, loss_fn=loss_fn, train_loader=train_loader, val_loader=val_loader, optimizer=optimizer,

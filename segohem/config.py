@@ -101,6 +101,17 @@ class RefineConfig:
 
 
 @dataclass
+class WandbConfig:
+    mode: str = "auto"  # auto (online with credentials, else offline) | online | offline | disabled; WANDB_MODE wins
+    project: str = "segohem"
+    entity: str = ""
+    name: str = ""  # empty: run.name
+    group: str = ""
+    tags: list[str] = field(default_factory=list)
+    log_checkpoints: bool = True  # checkpoints and the dictionary as artifacts (aliases latest / best)
+
+
+@dataclass
 class OptimConfig:
     name: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
@@ -122,6 +133,8 @@ class TrainConfig:
     log_every: int = 10  # steps between metric log lines
     progress: bool = True  # show progress bars
     snapshot_epochs: list[int] = field(default_factory=list)  # also keep epochNNN.pt after these epochs
+    num_panels: int = 4  # fixed, seeded validation images drawn at each evaluation (0: none)
+    num_bank_rows: int = 16  # hardest training images shown from the dictionary at each evaluation
 
 
 @dataclass
@@ -133,6 +146,7 @@ class Config:
     ohem: OhemConfig = field(default_factory=OhemConfig)
     bank: BankConfig = field(default_factory=BankConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -144,6 +158,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("adamw", "sgd"),
     "refine.sampler": ("none", "image", "class"),
     "train.amp": ("none", "bf16", "fp16"),
+    "wandb.mode": ("auto", "online", "offline", "disabled"),
 }
 
 

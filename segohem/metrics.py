@@ -48,6 +48,7 @@ class ConfusionMatrix:
             "mean_acc": float(class_acc.nanmean()) if (gt_total > 0).any() else 0.0,
             "iou": iou.tolist(),
             "acc": class_acc.tolist(),
+            "confusion": self.matrix.tolist(),
         }
 
 

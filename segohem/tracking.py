@@ -12,11 +12,18 @@ import math
 from pathlib import Path
 from typing import Any, Protocol
 
+import cv2
+
+from segohem.data.build import ClassInfo
+from segohem.visualize import EpochVisuals, confusion_image, render_panel
+
 
 class Logger(Protocol):
     def log_config(self, config: dict[str, Any]) -> None: ...
     def log_step(self, metrics: dict[str, float], *, step: int) -> None: ...
     def log_epoch(self, metrics: dict[str, float], *, epoch: int, step: int) -> None: ...
+    def log_visuals(self, visuals: EpochVisuals, *, epoch: int, step: int) -> None: ...
+    def log_artifact(self, path: Path, *, kind: str, aliases: list[str]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -30,6 +37,12 @@ class NullLogger:
         pass
 
     def log_epoch(self, metrics: dict[str, float], *, epoch: int, step: int) -> None:
+        pass
+
+    def log_visuals(self, visuals: EpochVisuals, *, epoch: int, step: int) -> None:
+        pass
+
+    def log_artifact(self, path: Path, *, kind: str, aliases: list[str]) -> None:
         pass
 
     def close(self) -> None:
@@ -54,15 +67,17 @@ def _json_safe(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-class LocalLogger:
-    """JSON lines and CSV in the run folder.
+class LocalLogger(NullLogger):
+    """JSON lines and CSV in the run folder; validation pictures as PNGs under ``viz/``.
 
     ``resume_step``/``resume_epoch``: records logged after the checkpoint being resumed are
     dropped, so a resumed run's files read as if it had never been interrupted.
     """
 
-    def __init__(self, run_dir: str | Path, *, resume_step: int = 0, resume_epoch: int = 0) -> None:
-        self.run_dir = Path(run_dir)
+    def __init__(
+        self, run_dir: str | Path, *, resume_step: int = 0, resume_epoch: int = 0, classes: ClassInfo | None = None
+    ) -> None:
+        self.run_dir, self.classes = Path(run_dir), classes
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.step_path = self.run_dir / "metrics.jsonl"
         self.epoch_path = self.run_dir / "epochs.jsonl"
@@ -76,9 +91,6 @@ class LocalLogger:
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         kept = [r for r in records if r.get(key, 0) <= last_kept]
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-    def log_config(self, config: dict[str, Any]) -> None:
-        pass  # the resolved config is written by the engine as config.yaml
 
     def _append(self, path: Path, record: dict[str, Any]) -> None:
         with path.open("a") as handle:
@@ -96,8 +108,18 @@ class LocalLogger:
             writer.writeheader()
             writer.writerows(records)
 
-    def close(self) -> None:
-        pass
+    def log_visuals(self, visuals: EpochVisuals, *, epoch: int, step: int) -> None:
+        if self.classes is None:
+            return
+        folder = self.run_dir / "viz" / f"epoch{epoch:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        names, palette, ignore = self.classes.names, self.classes.palette, self.classes.ignore_index
+        for panel in visuals.panels:
+            picture = render_panel(panel, names=names, palette=palette, ignore_index=ignore)
+            cv2.imwrite(str(folder / f"{panel.sample_id}.png"), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+        if visuals.confusion is not None:
+            picture = confusion_image(visuals.confusion, names)
+            cv2.imwrite(str(folder / "confusion.png"), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
 
 
 class MultiLogger:
@@ -117,6 +139,14 @@ class MultiLogger:
     def log_epoch(self, metrics: dict[str, float], *, epoch: int, step: int) -> None:
         for logger in self.loggers:
             logger.log_epoch(metrics, epoch=epoch, step=step)
+
+    def log_visuals(self, visuals: EpochVisuals, *, epoch: int, step: int) -> None:
+        for logger in self.loggers:
+            logger.log_visuals(visuals, epoch=epoch, step=step)
+
+    def log_artifact(self, path: Path, *, kind: str, aliases: list[str]) -> None:
+        for logger in self.loggers:
+            logger.log_artifact(path, kind=kind, aliases=aliases)
 
     def close(self) -> None:
         for logger in self.loggers:

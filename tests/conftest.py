@@ -1,9 +1,12 @@
+import os
 from pathlib import Path
 
 import pytest
 
 from segohem.config import Config, load_config
 
+# Tests run with W&B off; the one real offline run turns it on with monkeypatch.
+os.environ["WANDB_MODE"] = "disabled"
 SHARED_CAMVID = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "camvid"
 
 

@@ -20,11 +20,14 @@ from tqdm import tqdm
 from segohem.bank import HardPixelBank
 from segohem.bank_store import save_bank
 from segohem.config import OptimConfig, TrainConfig
+from segohem.data.datasets import SegmentationDataset
 from segohem.engine.checkpoint import capture_rng_state, save_checkpoint
 from segohem.engine.distributed import is_main_process
+from segohem.engine.panels import bank_rows, fixed_indices, prediction_panels
 from segohem.metrics import ConfusionMatrix, format_table
 from segohem.ohem import OhemCrossEntropy
 from segohem.tracking import Logger
+from segohem.visualize import EpochVisuals
 
 BANK_FILE = "hard_pixels.sqlite"
 
@@ -167,6 +170,24 @@ def epoch_record(
     return record
 
 
+def epoch_visuals(
+    *, model: nn.Module, loss_fn: OhemCrossEntropy, train_loader: torch.utils.data.DataLoader[Any],
+    val_loader: torch.utils.data.DataLoader[Any], device: torch.device, train_cfg: TrainConfig, seed: int,
+    class_names: tuple[str, ...], bank: HardPixelBank | None, confusion: list[list[int]],
+) -> EpochVisuals:  # fmt: skip
+    """Predictions on fixed validation images, the confusion matrix and the dictionary's hardest rows."""
+    val_set = val_loader.dataset
+    panels = []
+    if train_cfg.num_panels > 0 and isinstance(val_set, SegmentationDataset):
+        indices = fixed_indices(len(val_set), num=train_cfg.num_panels, seed=seed)
+        panels = prediction_panels(model=model, dataset=val_set, indices=indices, loss_fn=loss_fn, device=device)
+    train_set = getattr(train_loader.dataset, "base", train_loader.dataset)
+    rows = []
+    if bank is not None and train_cfg.num_bank_rows > 0 and isinstance(train_set, SegmentationDataset):
+        rows = bank_rows(bank, train_set, class_names=class_names, top=train_cfg.num_bank_rows)
+    return EpochVisuals(panels, np.asarray(confusion, np.int64), rows)
+
+
 def fit(
     *,
     model: nn.Module,
@@ -227,6 +248,12 @@ def fit(
             state.best_miou, state.best_epoch = val["miou"], state.epoch
         record = epoch_record(train_stats, val, class_names)
         logger.log_epoch(record, epoch=state.epoch, step=state.step)
+        if val is not None and is_main_process():
+            visuals = epoch_visuals(
+                model=model, loss_fn=loss_fn, train_loader=train_loader, val_loader=val_loader, device=device,
+                train_cfg=train_cfg, seed=seed, class_names=class_names, bank=bank, confusion=val["confusion"],
+            )  # fmt: skip
+            logger.log_visuals(visuals, epoch=state.epoch, step=state.step)
         if is_main_process():
             checkpoint = {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -240,6 +267,11 @@ def fit(
             save_checkpoint(checkpoint, run_dir / "last.pt")
             if improved:
                 save_checkpoint(checkpoint, run_dir / "best.pt")
+            if improved or state.epoch == train_cfg.epochs or stopping:
+                aliases = ["latest", f"epoch-{state.epoch}", *(["best"] if improved else [])]
+                logger.log_artifact(run_dir / "last.pt", kind="checkpoint", aliases=aliases)
+                if bank is not None:
+                    logger.log_artifact(run_dir / BANK_FILE, kind="hard-pixel-dictionary", aliases=aliases)
             if state.epoch in train_cfg.snapshot_epochs:
                 save_checkpoint(checkpoint, run_dir / f"epoch{state.epoch:03d}.pt")
         if stopping:

@@ -1,0 +1,71 @@
+"""Raw material for pictures: predictions and hard pixels on fixed images, the dictionary's rows.
+
+Loggers turn these arrays into PNGs or W&B media; nothing here draws or knows about W&B.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from segohem.bank import HardPixelBank
+from segohem.data.datasets import SegmentationDataset
+from segohem.ohem import OhemCrossEntropy
+from segohem.visualize import BankRow, PredictionPanel
+
+
+def fixed_indices(length: int, *, num: int, seed: int) -> list[int]:
+    """The same ``num`` indices of a dataset for every evaluation of a run."""
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(length, size=min(num, length), replace=False).tolist())
+
+
+@torch.no_grad()
+def prediction_panels(
+    *, model: nn.Module, dataset: SegmentationDataset, indices: list[int], loss_fn: OhemCrossEntropy,
+    device: torch.device,
+) -> list[PredictionPanel]:  # fmt: skip
+    was_training = model.training
+    model.eval()
+    panels = []
+    for index in indices:
+        image = dataset.load(index, scale=1.0)[0]
+        height, width = image.shape[:2]
+        sample = dataset[index]
+        logits = model(sample["image"][None].to(device)).float()
+        result = loss_fn(logits, sample["mask"][None].to(device))
+        crop = (0, slice(0, height), slice(0, width))
+        panels.append(PredictionPanel(
+            sample["sample_id"], image, sample["mask"][crop[1:]].numpy(), logits.argmax(1)[crop].cpu().numpy(),
+            result.hard_mask[crop].cpu().numpy(), result.pixel_loss[crop].cpu().numpy(),
+        ))  # fmt: skip
+    model.train(was_training)
+    return panels
+
+
+def bank_rows(
+    bank: HardPixelBank, dataset: SegmentationDataset, *, class_names: tuple[str, ...], top: int,
+    thumbnail_width: int = 160,
+) -> list[BankRow]:  # fmt: skip
+    """The ``top`` hardest images of ``dataset`` by the bank's score, with thumbnails."""
+    index_of = {dataset.sample_id(i): i for i in range(len(dataset))}
+    ranked = sorted((s for s in bank.samples if s in index_of), key=lambda s: -bank.samples[s].score)[:top]
+    rows = []
+    for sample_id in ranked:
+        stats = bank.samples[sample_id]
+        image = dataset.read(index_of[sample_id])[0]
+        scale = thumbnail_width / image.shape[1]
+        thumbnail = cv2.resize(
+            image, (thumbnail_width, max(1, round(image.shape[0] * scale))), interpolation=cv2.INTER_AREA
+        )
+        off_diagonal = stats.confusion * (1 - np.eye(len(class_names), dtype=np.int64))
+        true_id, pred_id = np.unravel_index(int(off_diagonal.argmax()), off_diagonal.shape)
+        pair = f"{class_names[true_id]} -> {class_names[pred_id]} ({off_diagonal[true_id, pred_id]})"
+        rows.append(BankRow(
+            sample_id, thumbnail, stats.hardness, stats.ema_kept_fraction, stats.score,
+            pair if off_diagonal.any() else "-",
+            {name: int(n) for name, n in zip(class_names, stats.confusion.sum(1), strict=True)},
+        ))  # fmt: skip
+    return rows
