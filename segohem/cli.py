@@ -32,9 +32,11 @@ from segohem.engine.checkpoint import load_checkpoint, restore_rng_state
 from segohem.engine.loop import BANK_FILE, TrainState, autocast_context, evaluate, fit, seed_everything
 from segohem.engine.mine import mine_split
 from segohem.engine.optim import build_optimizer, build_scheduler
+from segohem.gallery import choose_ids, write_gallery
 from segohem.metrics import format_table
 from segohem.model import build_model
 from segohem.ohem import OhemCrossEntropy
+from segohem.plots import save_run_plots
 from segohem.refine import BankDrivenDataset, WeightedEpochSampler, image_weights
 from segohem.tracking import LocalLogger, MultiLogger
 from segohem.visualize import colorize_mask
@@ -259,6 +261,25 @@ def run_hard_pixels(store: Path, *, view: str, class_name: str | None, top: int,
     return text
 
 
+def run_viz(
+    run: Path, *, checkpoint: Path | None, num: int, ids: list[str] | None, split: str, output: Path | None,
+    overrides: list[str],
+) -> Path:  # fmt: skip
+    """Gallery of hard-pixel maps for a run's hardest (or chosen) images, plus its plots."""
+    checkpoint = checkpoint or (run / "best.pt" if (run / "best.pt").exists() else run / "last.pt")
+    cfg, model, device = load_model_from_checkpoint(checkpoint, overrides)
+    dataset = build_dataset(cfg.data, cfg.augment, split=split, train=False, seed=cfg.run.seed)
+    store = run / BANK_FILE
+    bank = load_bank(store) if store.exists() else None
+    page = write_gallery(
+        model=model, dataset=dataset, sample_ids=ids or choose_ids(bank, dataset, num=num),
+        loss_fn=build_loss(cfg).to(device), device=device, classes=class_info(cfg.data), bank=bank,
+        output=output or run / "gallery", plots=save_run_plots(run), progress=cfg.train.progress,
+    )  # fmt: skip
+    print(f"gallery written: open {page}")
+    return page
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segohem", description="Segmentation training with pixel-level OHEM.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -288,6 +309,14 @@ def make_parser() -> argparse.ArgumentParser:
     hp.add_argument("--class", dest="class_name", help="with --view images: hardest images for this class")
     hp.add_argument("--top", type=int, default=10)
     hp.add_argument("--format", default="table", choices=("table", "csv", "json"))
+    vz = commands.add_parser("viz", help="gallery of hard-pixel maps and plots (PNGs + index.html)")
+    vz.add_argument("--run", type=Path, required=True)
+    vz.add_argument("--checkpoint", type=Path, help="default: the run's best.pt")
+    vz.add_argument("--num", type=int, default=8, help="the N hardest images by the dictionary")
+    vz.add_argument("--ids", nargs="+", help="these sample ids instead")
+    vz.add_argument("--split", default="train", choices=("train", "val"))
+    vz.add_argument("--output", type=Path, help="default: RUN/gallery")
+    vz.add_argument("overrides", nargs="*", metavar="key.sub=value")
     rf = commands.add_parser("refine", help="a refinement stage driven by a run's hard-pixel dictionary")
     rf.add_argument("--run", type=Path, required=True, help="the base run folder")
     rf.add_argument("--checkpoint", default="last.pt", help="checkpoint in the run folder to continue from")
@@ -314,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
             defaults = [f"run.output_dir={args.run.parent}", f"run.name={args.run.name}-refine",
                         f"refine.init={args.run / args.checkpoint}", f"refine.bank={args.bank or ''}"]  # fmt: skip
             run_train(load_config(args.run / "config.yaml", [*defaults, *args.overrides]), resume_from=None)
+            return 0
+        if args.command == "viz":
+            run_viz(args.run, checkpoint=args.checkpoint, num=args.num, ids=args.ids, split=args.split,
+                    output=args.output, overrides=args.overrides)  # fmt: skip
             return 0
         if args.command == "mine":
             run_mine(args.checkpoint, split=args.split, output=args.output, overrides=args.overrides)

@@ -24,6 +24,7 @@ class Logger(Protocol):
     def log_epoch(self, metrics: dict[str, float], *, epoch: int, step: int) -> None: ...
     def log_visuals(self, visuals: EpochVisuals, *, epoch: int, step: int) -> None: ...
     def log_artifact(self, path: Path, *, kind: str, aliases: list[str]) -> None: ...
+    def log_plots(self, paths: dict[str, Path]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -43,6 +44,9 @@ class NullLogger:
         pass
 
     def log_artifact(self, path: Path, *, kind: str, aliases: list[str]) -> None:
+        pass
+
+    def log_plots(self, paths: dict[str, Path]) -> None:
         pass
 
     def close(self) -> None:
@@ -147,6 +151,10 @@ class MultiLogger:
     def log_artifact(self, path: Path, *, kind: str, aliases: list[str]) -> None:
         for logger in self.loggers:
             logger.log_artifact(path, kind=kind, aliases=aliases)
+
+    def log_plots(self, paths: dict[str, Path]) -> None:
+        for logger in self.loggers:
+            logger.log_plots(paths)
 
     def close(self) -> None:
         for logger in self.loggers:

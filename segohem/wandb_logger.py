@@ -145,6 +145,10 @@ class WandbLogger:
 
             self._guard(upload)
 
+    def log_plots(self, paths: dict[str, Path]) -> None:
+        if self.run is not None:
+            self._guard(lambda: self.run.log({f"plots/{name}": self.wandb.Image(str(p)) for name, p in paths.items()}))
+
     def close(self) -> None:
         if self.run is not None:
             self._guard(lambda: self.run.finish())

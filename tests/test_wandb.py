@@ -1,5 +1,6 @@
 import json
 import subprocess
+import sys
 
 import pytest
 
@@ -50,8 +51,8 @@ def test_a_real_offline_run_holds_metrics_masks_table_and_artifacts(tmp_path, of
     final = summary(records)
     assert final["val/miou"]["max"] == pytest.approx(max(r["val/miou"] for r in epochs))
     # W&B's own reader opens the run and finds the metrics, the summary and the images
-    shown = subprocess.run(["wandb", "leet", "inspect", "--summary", str(offline_dir)], capture_output=True,
-                           text=True, timeout=120, check=True).stdout  # fmt: skip
+    command = [sys.executable, "-m", "wandb", "leet", "inspect", "--summary", str(offline_dir)]
+    shown = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
     assert "val/miou" in shown and "val/examples" in shown and "images/separated" in shown
     config = [r for r in records if r.WhichOneof("record_type") == "config"]
     keys = {item.key for r in config for item in r.config.update}
