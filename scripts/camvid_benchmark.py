@@ -79,7 +79,8 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> Path:
     name = f"{method}-s{seed}"
     run_dir = args.runs / name
     commands, definition = commands_for(method, seed, args)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    env = {"WANDB_MODE": "disabled", **os.environ, "OMP_NUM_THREADS": str(args.threads),
+           "MKL_NUM_THREADS": str(args.threads)}  # fmt: skip
     started = time.perf_counter()
     args.runs.mkdir(parents=True, exist_ok=True)
     with (args.runs / f"{name}.log").open("a") as log:
