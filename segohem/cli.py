@@ -180,11 +180,13 @@ def run_eval(checkpoint: Path, *, split: str, overrides: list[str], output: Path
     info = class_info(cfg.data)
     dataset = build_dataset(cfg.data, cfg.augment, split=split, train=False, seed=cfg.run.seed)
     loader = DataLoader(dataset, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers)
+    started = time.perf_counter()
     metrics = evaluate(
         model=model, loader=loader, device=device, num_classes=info.num_classes,
         ignore_index=info.ignore_index, amp=cfg.train.amp, progress=cfg.train.progress,
     )  # fmt: skip
-    print(f"{checkpoint} on {split} ({len(dataset)} images)")
+    seconds = time.perf_counter() - started
+    print(f"{checkpoint} on {split}: {len(dataset)} images in {seconds:.1f}s ({len(dataset) / seconds:.1f} images/s)")
     print(format_table(metrics, info.names))
     if output is not None:
         output.write_text(json.dumps({"class_names": list(info.names), **metrics}, indent=2))

@@ -91,3 +91,11 @@ def test_poly_schedule_with_warmup():
     factors = [poly_lr_factor(s, total_steps=10, warmup_steps=2, power=1.0, min_factor=0.0) for s in range(11)]
     assert factors[0] == 0.5 and factors[1] == 1.0
     assert factors[5] == pytest.approx(0.5) and factors[10] == 0.0
+
+
+def test_gradient_accumulation_and_clipping_count_optimizer_steps(tmp_path):
+    state = run_train(
+        tiny_config(tmp_path, "train.epochs=1", "data.batch_size=2", "optim.accumulate=2", "optim.clip_grad_norm=1.0"),
+        resume_from=None,
+    )
+    assert state.step == 2  # 4 batches of 2, one optimizer step per 2 batches
