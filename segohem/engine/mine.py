@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -37,22 +39,40 @@ def mine_split(
     """
     model.eval()
     count = 0
-    for batch in tqdm(loader, desc="mine", disable=not progress):
-        images, masks = batch["image"].to(device), batch["mask"].to(device)
-        with autocast_context(device, amp):
-            logits = model(images)
-        result = loss_fn(logits.float(), masks)
-        bank.update(
-            sample_ids=batch["sample_id"], hard_mask=result.hard_mask, pixel_loss=result.pixel_loss, target=masks,
-            pred=logits.argmax(1), source_yx=batch["source_yx"].to(device), source_hw=batch["source_hw"], epoch=0,
-        )  # fmt: skip
-        rows = []
-        for i, sample_id in enumerate(batch["sample_id"]):
-            height, width = working_size or tuple(batch["source_hw"][i].tolist())
-            rows.append((
-                sample_id, result.hard_mask[i, :height, :width].cpu().numpy(),
-                result.pixel_loss[i, :height, :width].cpu().numpy(),
-            ))  # fmt: skip
-        save_mined(store_path, rows)
-        count += len(rows)
+    # Compression and the SQLite write overlap the next batch's forward pass (zlib and sqlite3
+    # release the GIL); one batch in flight keeps memory bounded and errors surface promptly.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending: Future[None] | None = None
+        for batch in tqdm(loader, desc="mine", disable=not progress):
+            rows = _mine_batch(batch, model=model, loss_fn=loss_fn, device=device, bank=bank, working_size=working_size,
+                               amp=amp)  # fmt: skip
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(save_mined, store_path, rows)
+            count += len(rows)
+        if pending is not None:
+            pending.result()
     return count
+
+
+def _mine_batch(
+    batch: dict[str, Any], *, model: nn.Module, loss_fn: OhemCrossEntropy, device: torch.device,
+    bank: HardPixelBank, working_size: tuple[int, int] | None, amp: str,
+) -> list[tuple[str, np.ndarray, np.ndarray]]:  # fmt: skip
+    """Forward one batch read-only, fold it into ``bank``; rows of (sample_id, hard mask, loss map)."""
+    images, masks = batch["image"].to(device), batch["mask"].to(device)
+    with autocast_context(device, amp):
+        logits = model(images)
+    result = loss_fn(logits.float(), masks)
+    bank.update(
+        sample_ids=batch["sample_id"], hard_mask=result.hard_mask, pixel_loss=result.pixel_loss, target=masks,
+        pred=logits.argmax(1), source_yx=batch["source_yx"].to(device), source_hw=batch["source_hw"], epoch=0,
+    )  # fmt: skip
+    rows = []
+    for i, sample_id in enumerate(batch["sample_id"]):
+        height, width = working_size or tuple(batch["source_hw"][i].tolist())
+        rows.append((
+            sample_id, result.hard_mask[i, :height, :width].cpu().numpy(),
+            result.pixel_loss[i, :height, :width].cpu().numpy(),
+        ))  # fmt: skip
+    return rows
