@@ -50,15 +50,16 @@ def segohem(*arguments: str) -> list[str]:
 def commands_for(method: str, seed: int, args: argparse.Namespace) -> tuple[list[list[str]], list[str]]:
     """The commands that (re)produce one run, and the overrides that define the method."""
     name, run_dir = f"{method}-s{seed}", args.runs / f"{method}-s{seed}"
+    definition = METHODS.get(method) or [f"from {REFINE_BASE} {REFINE_FROM}", *REFINE_METHODS[method]]
     if (run_dir / "last.pt").exists():  # interrupted: resume it (its config.yaml holds everything)
-        return [segohem("train", "--resume", str(run_dir), "train.progress=false")], []
+        return [segohem("train", "--resume", str(run_dir), "train.progress=false")], definition
     if method in METHODS:
         overrides = [
             f"run.output_dir={args.runs}", f"run.name={name}", f"run.seed={seed}", f"data.root={args.data_root}",
             f"model.encoder_weights={args.weights}", "train.progress=false", "train.snapshot_epochs=[15]",
             "train.eval_every=5", *METHODS[method],
         ]  # fmt: skip
-        return [segohem("train", "--config", str(ROOT / "configs" / "camvid.yaml"), *overrides)], METHODS[method]
+        return [segohem("train", "--config", str(ROOT / "configs" / "camvid.yaml"), *overrides)], definition
     base_dir = args.runs / f"{REFINE_BASE}-s{seed}"
     snapshot = base_dir / REFINE_FROM
     if not snapshot.exists():
@@ -68,7 +69,7 @@ def commands_for(method: str, seed: int, args: argparse.Namespace) -> tuple[list
                                               "train.progress=false")]  # fmt: skip
     refine = segohem("refine", "--run", str(base_dir), "--checkpoint", REFINE_FROM, "--bank", str(store),
                      f"run.name={name}", "train.eval_every=5", *REFINE_METHODS[method])  # fmt: skip
-    return [*mine, refine], [f"from {REFINE_BASE} {REFINE_FROM}", *REFINE_METHODS[method]]
+    return [*mine, refine], definition
 
 
 def run_one(method: str, seed: int, args: argparse.Namespace) -> Path:
