@@ -105,31 +105,40 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> Path:
     return result_path
 
 
+def paired(runs: dict[int, dict], reference: dict[int, dict], key) -> str:
+    """Per-seed differences against a reference method (same seed), and their mean."""
+    diffs = [100 * (key(runs[s]) - key(reference[s])) for s in sorted(runs) if s in reference]
+    return f"{' '.join(f'{d:+.2f}' for d in diffs)} (mean {statistics.mean(diffs):+.2f})" if diffs else "-"
+
+
 def summarize(results_dir: Path) -> str:
+    """Markdown tables of every finished run: means, spreads and paired differences."""
     results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
     by_method: dict[str, dict[int, dict]] = {}
     for r in results:
         by_method.setdefault(r["method"], {})[r["seed"]] = r
-    plain = by_method.get("plain", {})
+    plain, ohem = by_method.get("plain", {}), by_method.get(REFINE_BASE, {})
+
+    def rare(r: dict) -> float:
+        return statistics.mean(r["final_iou"][c] for c in RARE_CLASSES)
+
     lines = [
-        "| method | seeds | mIoU mean | min..max | paired diff vs plain (per seed) | mean diff | rare-class IoU mean |",
-        "|---|---|---|---|---|---|---|",
+        "| method | seeds | mIoU mean | min..max | vs plain CE, per seed | vs threshold OHEM, per seed "
+        "| rare-class IoU | rare vs plain CE | train min/run |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, runs in by_method.items():
         mious = [100 * r["final_miou"] for r in runs.values()]
-        rare = [100 * statistics.mean(r["final_iou"][c] for c in RARE_CLASSES) for r in runs.values()]
-        diffs = [100 * (runs[s]["final_miou"] - plain[s]["final_miou"]) for s in sorted(runs) if s in plain]
         lines.append(
             f"| {method} | {','.join(map(str, sorted(runs)))} | {statistics.mean(mious):.2f} | "
-            f"{min(mious):.2f}..{max(mious):.2f} | {' '.join(f'{d:+.2f}' for d in diffs) or '-'} | "
-            f"{statistics.mean(diffs):+.2f} | {statistics.mean(rare):.2f} |"
-            if diffs
-            else f"| {method} | {','.join(map(str, sorted(runs)))} | {statistics.mean(mious):.2f} | "
-            f"{min(mious):.2f}..{max(mious):.2f} | - | - | {statistics.mean(rare):.2f} |"
+            f"{min(mious):.2f}..{max(mious):.2f} | {paired(runs, plain, lambda r: r['final_miou'])} | "
+            f"{paired(runs, ohem, lambda r: r['final_miou'])} | "
+            f"{100 * statistics.mean(rare(r) for r in runs.values()):.2f} | {paired(runs, plain, rare)} | "
+            f"{statistics.mean(r['train_seconds'] for r in runs.values()) / 60:.0f} |"
         )
     classes = list(results[0]["final_iou"]) if results else []
-    lines += ["", "Per-class IoU (mean over seeds):", "", "| method | " + " | ".join(classes) + " |",
-              "|---|" + "---|" * len(classes)]  # fmt: skip
+    lines += ["", "Per-class IoU (%, mean over the seeds listed above):", "",
+              "| method | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]  # fmt: skip
     for method, runs in by_method.items():
         means = [100 * statistics.mean(r["final_iou"][c] for r in runs.values()) for c in classes]
         lines.append(f"| {method} | " + " | ".join(f"{m:.1f}" for m in means) + " |")
