@@ -7,7 +7,10 @@ from segohem.config import Config, load_config
 
 # Tests run with W&B off; the one real offline run turns it on with monkeypatch.
 os.environ["WANDB_MODE"] = "disabled"
-SHARED_CAMVID = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "camvid"
+# The project's shared data sits beside the checkout; SEGOHEM_CAMVID points elsewhere.
+SHARED_CAMVID = Path(
+    os.environ.get("SEGOHEM_CAMVID", Path(__file__).resolve().parents[2] / "shared" / "datasets" / "camvid")
+)
 
 
 def tiny_config(tmp_path: Path, *overrides: str) -> Config:
@@ -26,5 +29,5 @@ def tiny_config(tmp_path: Path, *overrides: str) -> Config:
 @pytest.fixture
 def camvid_root() -> Path:
     if not (SHARED_CAMVID / "train").is_dir():
-        pytest.skip(f"CamVid copy not found at {SHARED_CAMVID} (only in the project's shared data)")
+        pytest.skip(f"CamVid copy not found at {SHARED_CAMVID} (set SEGOHEM_CAMVID to a copy to run this)")
     return SHARED_CAMVID
