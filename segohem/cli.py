@@ -37,7 +37,7 @@ from segohem.metrics import format_table
 from segohem.model import build_model
 from segohem.ohem import OhemCrossEntropy
 from segohem.plots import save_run_plots
-from segohem.refine import BankDrivenDataset, WeightedEpochSampler, image_weights
+from segohem.refine import BankDrivenDataset, WeightedEpochSampler, class_weights_from_bank, image_weights
 from segohem.tracking import LocalLogger, MultiLogger
 from segohem.visualize import colorize_mask
 from segohem.wandb_logger import WandbLogger
@@ -51,14 +51,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_loss(cfg: Config) -> OhemCrossEntropy:
+def build_loss(cfg: Config, *, refine_bank: HardPixelBank | None = None) -> OhemCrossEntropy:
+    """The OHEM loss of ``cfg.ohem``; a refinement bank may scale the class weights."""
     ohem, info = cfg.ohem, class_info(cfg.data)
     if ohem.class_weight and len(ohem.class_weight) != info.num_classes:
         raise ConfigError(f"ohem.class_weight has {len(ohem.class_weight)} values for {info.num_classes} classes")
+    class_weight = np.asarray(ohem.class_weight or [1.0] * info.num_classes, dtype=np.float64)
+    if refine_bank is not None and cfg.refine.class_weight_power > 0:
+        class_weight = class_weight * class_weights_from_bank(refine_bank, power=cfg.refine.class_weight_power)
+        named = zip(info.names, class_weight, strict=True)
+        print("class weights from the dictionary:", ", ".join(f"{name} {w:.2f}" for name, w in named))
     return OhemCrossEntropy(
         mode=ohem.mode, thresh=ohem.thresh, min_kept=ohem.min_kept, top_k=ohem.top_k,  # type: ignore[arg-type]
         scope=ohem.scope, ignore_index=info.ignore_index,  # type: ignore[arg-type]
-        class_weight=ohem.class_weight or None, warmup_steps=ohem.warmup_steps,
+        class_weight=None if (class_weight == 1).all() else class_weight.tolist(), warmup_steps=ohem.warmup_steps,
     )  # fmt: skip
 
 
@@ -104,7 +110,7 @@ def run_train(cfg: Config, *, resume_from: Path | None) -> TrainState:
     refine_bank = load_refine_bank(cfg.refine) if cfg.refine.init else None
     train_loader, val_loader = build_loaders(cfg, refine_bank=refine_bank)
     model = build_model(cfg.model, num_classes=info.num_classes).to(device)
-    loss_fn = build_loss(cfg).to(device)
+    loss_fn = build_loss(cfg, refine_bank=refine_bank).to(device)
     optimizer = build_optimizer(model, cfg.optim)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.optim.accumulate)
     total_steps = steps_per_epoch * cfg.train.epochs

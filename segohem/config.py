@@ -98,6 +98,7 @@ class RefineConfig:
     crop_scale: float = 1.0  # hard crops come from the image resized by this (2.0 on half-res = full-res)
     crop_sharpness: float = 2.0  # crop centres are drawn in proportion to hardness ** this
     pixel_weight: float = 0.0  # alpha: kept pixels weigh 1 + alpha * their cell's stored hardness
+    class_weight_power: float = 0.0  # gamma: class c weighs (its hard fraction in the bank) ** gamma, mean 1
 
 
 @dataclass

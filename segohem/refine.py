@@ -44,6 +44,24 @@ def image_weights(bank: HardPixelBank, sample_ids: list[str], *, score: str, flo
     return weights / weights.mean()
 
 
+def class_weights_from_bank(bank: HardPixelBank, *, power: float) -> np.ndarray:
+    """Per-class loss weights from the latest epoch's hard fraction of each class, mean 1.
+
+    A class whose pixels are mostly hard (thin poles) weighs more than one that is mostly
+    easy (road): weight_c = hard_fraction_c ** power, normalized to mean 1 over the classes
+    present. Classes the bank never saw get weight 1.
+    """
+    if not bank.epochs:
+        raise ValueError("the bank holds no per-epoch class statistics to weigh classes by")
+    latest = bank.epochs[max(bank.epochs)]
+    seen = latest.valid > 0
+    fraction = np.where(seen, latest.hard / np.maximum(latest.valid, 1), 0.0)
+    weights = np.ones(bank.num_classes)
+    weights[seen] = np.maximum(fraction[seen], 1e-3) ** power
+    weights[seen] /= weights[seen].mean()
+    return weights
+
+
 class WeightedEpochSampler(Sampler[int]):
     """Draws ``len(weights)`` indices per epoch with replacement, in proportion to ``weights``.
 

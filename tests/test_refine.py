@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from segohem.bank import HardPixelBank, SampleStats
+from segohem.bank import EpochClassStats, HardPixelBank, SampleStats
 from segohem.cli import main, run_train
 from segohem.config import load_config
 from segohem.data import build_dataset
-from segohem.refine import BankDrivenDataset, WeightedEpochSampler, image_weights
+from segohem.refine import BankDrivenDataset, WeightedEpochSampler, class_weights_from_bank, image_weights
 
 from .conftest import tiny_config
 
@@ -102,3 +102,13 @@ def test_mine_query_and_refine_end_to_end(tmp_path, capsys):
     assert steps == [3, 4]  # epoch 2 of the schedule, continued from the epoch-1 snapshot
     assert (refined / "hard_pixels.sqlite").is_file() and (refined / "best.pt").is_file()
     assert main(["hard-pixels", "--run", str(run_dir), "--class", "nothing"]) == 2
+
+
+def test_class_weights_follow_each_class_hard_fraction():
+    bank = HardPixelBank(3)
+    bank.epochs[0] = EpochClassStats(np.array([10, 90, 0]), np.array([100, 100, 0]))
+    bank.epochs[4] = EpochClassStats(np.array([5, 80, 0]), np.array([100, 100, 0]))  # the latest epoch counts
+    weights = class_weights_from_bank(bank, power=1.0)
+    assert weights[1] / weights[0] == pytest.approx(16.0)
+    assert weights[:2].mean() == pytest.approx(1.0) and weights[2] == 1.0  # unseen class keeps weight 1
+    assert class_weights_from_bank(bank, power=0.0)[:2].tolist() == [1.0, 1.0]
