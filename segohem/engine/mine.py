@@ -39,32 +39,38 @@ def mine_split(
     """
     model.eval()
     count = 0
-    # Compression and the SQLite write overlap the next batch's forward pass (zlib and sqlite3
-    # release the GIL); one batch in flight keeps memory bounded and errors surface promptly.
+    # The bank update, compression and the SQLite write overlap the next batch's forward pass
+    # (torch, zlib and sqlite3 release the GIL); one batch in flight keeps memory bounded, keeps
+    # the updates in order and surfaces errors promptly.
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending: Future[None] | None = None
         for batch in tqdm(loader, desc="mine", disable=not progress):
-            rows = _mine_batch(batch, model=model, loss_fn=loss_fn, device=device, bank=bank, working_size=working_size,
-                               amp=amp)  # fmt: skip
+            update, rows = _mine_batch(batch, model=model, loss_fn=loss_fn, device=device, working_size=working_size,
+                                       amp=amp)  # fmt: skip
             if pending is not None:
                 pending.result()
-            pending = writer.submit(save_mined, store_path, rows)
+            pending = writer.submit(_record, bank, update, store_path, rows)
             count += len(rows)
         if pending is not None:
             pending.result()
     return count
 
 
+def _record(bank: HardPixelBank, update: dict[str, Any], store_path: Path, rows: list[Any]) -> None:
+    bank.update(**update)
+    save_mined(store_path, rows)
+
+
 def _mine_batch(
     batch: dict[str, Any], *, model: nn.Module, loss_fn: OhemCrossEntropy, device: torch.device,
-    bank: HardPixelBank, working_size: tuple[int, int] | None, amp: str,
-) -> list[tuple[str, np.ndarray, np.ndarray]]:  # fmt: skip
-    """Forward one batch read-only, fold it into ``bank``; rows of (sample_id, hard mask, loss map)."""
+    working_size: tuple[int, int] | None, amp: str,
+) -> tuple[dict[str, Any], list[tuple[str, np.ndarray, np.ndarray]]]:  # fmt: skip
+    """Forward one batch read-only: the bank update's arguments and rows of (sample_id, hard mask, loss map)."""
     images, masks = batch["image"].to(device), batch["mask"].to(device)
     with autocast_context(device, amp):
         logits = model(images)
     result = loss_fn(logits.float(), masks)
-    bank.update(
+    update = dict(
         sample_ids=batch["sample_id"], hard_mask=result.hard_mask, pixel_loss=result.pixel_loss, target=masks,
         pred=logits.argmax(1), source_yx=batch["source_yx"].to(device), source_hw=batch["source_hw"], epoch=0,
     )  # fmt: skip
@@ -75,4 +81,4 @@ def _mine_batch(
             sample_id, result.hard_mask[i, :height, :width].cpu().numpy(),
             result.pixel_loss[i, :height, :width].cpu().numpy(),
         ))  # fmt: skip
-    return rows
+    return update, rows
