@@ -21,7 +21,18 @@ def test_two_step_end_to_end_train_writes_the_run_folder(tmp_path):
     state = run_train(cfg, resume_from=None)
     run_dir = tmp_path / "tiny"
     assert state.step == 2 and state.epoch == 1
-    for name in ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "epochs.jsonl", "epochs.csv"):
+    for name in (
+        "config.yaml",
+        "last.pt",
+        "best.pt",
+        "metrics.jsonl",
+        "epochs.jsonl",
+        "epochs.csv",
+        "hard_pixels.sqlite",
+        "plots/class_iou.png",
+        "plots/training_curves.png",
+        "viz/epoch001/confusion.png",
+    ):
         assert (run_dir / name).is_file(), name
     steps = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in steps] == [1, 2]

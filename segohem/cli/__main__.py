@@ -1,0 +1,5 @@
+import sys
+
+from segohem.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,98 @@
+"""The `segohem` command line: parse arguments and dispatch to the commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from segohem.cli.commands import run_eval, run_hard_pixels, run_mine, run_predict, run_viz
+from segohem.cli.train import run_train
+from segohem.config import ConfigError, load_config
+from segohem.engine.loop import BANK_FILE
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segohem", description="Segmentation training with pixel-level OHEM.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a model (built-in synthetic data by default)")
+    train.add_argument("--config", type=Path, help="YAML config; defaults give the synthetic demo")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from last.pt")
+    train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    ev = commands.add_parser("eval", help="evaluate a checkpoint")
+    ev.add_argument("--checkpoint", type=Path, required=True)
+    ev.add_argument("--split", default="val", choices=("train", "val"))
+    ev.add_argument("--output", type=Path, help="also write the metrics as JSON here")
+    ev.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    pr = commands.add_parser("predict", help="write label and colour PNGs for a folder of images")
+    pr.add_argument("--checkpoint", type=Path, required=True)
+    pr.add_argument("--input", type=Path, required=True)
+    pr.add_argument("--output", type=Path, required=True)
+    pr.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    mi = commands.add_parser("mine", help="read-only pass over a split: exact hard masks and loss maps")
+    mi.add_argument("--checkpoint", type=Path, required=True)
+    mi.add_argument("--split", default="train", choices=("train", "val"))
+    mi.add_argument("--output", type=Path, help="store path (default: mined_<split>_<checkpoint>.sqlite beside it)")
+    mi.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    hp = commands.add_parser("hard-pixels", help="query a run's hard-pixel dictionary")
+    hp.add_argument("--run", type=Path, help="run folder (reads its hard_pixels.sqlite)")
+    hp.add_argument("--store", type=Path, help="a store file instead, e.g. one written by `mine`")
+    hp.add_argument("--view", default="images", choices=("images", "pairs", "classes"))
+    hp.add_argument("--class", dest="class_name", help="with --view images: hardest images for this class")
+    hp.add_argument("--top", type=int, default=10)
+    hp.add_argument("--format", default="table", choices=("table", "csv", "json"))
+    vz = commands.add_parser("viz", help="gallery of hard-pixel maps and plots (PNGs + index.html)")
+    vz.add_argument("--run", type=Path, required=True)
+    vz.add_argument("--checkpoint", type=Path, help="default: the run's best.pt")
+    vz.add_argument("--num", type=int, default=8, help="the N hardest images by the dictionary")
+    vz.add_argument("--ids", nargs="+", help="these sample ids instead")
+    vz.add_argument("--split", default="train", choices=("train", "val"))
+    vz.add_argument("--output", type=Path, help="default: RUN/gallery")
+    vz.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    rf = commands.add_parser("refine", help="a refinement stage driven by a run's hard-pixel dictionary")
+    rf.add_argument("--run", type=Path, required=True, help="the base run folder")
+    rf.add_argument("--checkpoint", default="last.pt", help="checkpoint in the run folder to continue from")
+    rf.add_argument("--bank", type=Path, help="store driving the stage (default: the checkpoint's own bank)")
+    rf.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. refine.hard_crop_prob=0.5")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            if args.resume is not None:
+                base = args.resume / "config.yaml"
+                if not base.is_file():
+                    raise ConfigError(f"--resume {args.resume}: no config.yaml there; is it a run folder?")
+                located = [f"run.output_dir={args.resume.parent}", f"run.name={args.resume.name}"]
+                cfg = load_config(base, [*args.overrides, *located])
+            else:
+                cfg = load_config(args.config, args.overrides)
+            run_train(cfg, resume_from=args.resume)
+            return 0
+        if args.command == "refine":
+            defaults = [f"run.output_dir={args.run.parent}", f"run.name={args.run.name}-refine",
+                        f"refine.init={args.run / args.checkpoint}", f"refine.bank={args.bank or ''}"]  # fmt: skip
+            run_train(load_config(args.run / "config.yaml", [*defaults, *args.overrides]), resume_from=None)
+            return 0
+        if args.command == "viz":
+            run_viz(args.run, checkpoint=args.checkpoint, num=args.num, ids=args.ids, split=args.split,
+                    output=args.output, overrides=args.overrides)  # fmt: skip
+            return 0
+        if args.command == "mine":
+            run_mine(args.checkpoint, split=args.split, output=args.output, overrides=args.overrides)
+            return 0
+        if args.command == "hard-pixels":
+            if (args.run is None) == (args.store is None):
+                raise ConfigError("give exactly one of --run DIR and --store FILE")
+            store = args.store or args.run / BANK_FILE
+            run_hard_pixels(store, view=args.view, class_name=args.class_name, top=args.top, fmt=args.format)
+            return 0
+        if args.command == "eval":
+            run_eval(args.checkpoint, split=args.split, overrides=args.overrides, output=args.output)
+            return 0
+        return run_predict(args.checkpoint, input_dir=args.input, output_dir=args.output, overrides=args.overrides)
+    except (ValueError, FileNotFoundError, KeyError) as err:  # ConfigError, DatasetError included
+        print(f"segohem {args.command}: error: {err}", file=sys.stderr)
+        return 2
