@@ -15,6 +15,7 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "explore_run.ipyn
 def test_the_notebook_runs_on_a_tiny_run(tmp_path, monkeypatch):
     run_train(tiny_config(tmp_path), resume_from=None)
     monkeypatch.setenv("SEGOHEM_RUN", str(tmp_path / "tiny"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")  # a headless default must not hide the inline figures
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(
         notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
