@@ -39,6 +39,7 @@ REFINE_METHODS: dict[str, list[str]] = {
     "refine-crop": ["refine.hard_crop_prob=0.5", "refine.crop_scale=2.0"],
     "refine-weight": ["refine.pixel_weight=2.0"],
     "refine-classweight": ["refine.class_weight_power=1.0"],
+    "refine-weight-class": ["refine.pixel_weight=2.0", "refine.class_weight_power=0.5"],
     "refine-all": ["refine.sampler=class", "refine.hard_crop_prob=0.5", "refine.crop_scale=2.0",
                    "refine.pixel_weight=1.0"],
 }  # fmt: skip
