@@ -36,6 +36,7 @@ METHODS: dict[str, list[str]] = {
 REFINE_BASE, REFINE_FROM = "threshold", "epoch015.pt"
 REFINE_METHODS: dict[str, list[str]] = {
     "refine-sample": ["refine.sampler=image", "refine.sampler_floor=0.3"],
+    "refine-classsample": ["refine.sampler=class", "refine.sampler_floor=0.3"],
     "refine-crop": ["refine.hard_crop_prob=0.5", "refine.crop_scale=2.0"],
     "refine-weight": ["refine.pixel_weight=2.0"],
     "refine-classweight": ["refine.class_weight_power=1.0"],
