@@ -85,10 +85,13 @@ def load_refine_bank(refine: RefineConfig) -> HardPixelBank:
     return bank
 
 
-def load_model_from_checkpoint(path: Path, overrides: list[str]) -> tuple[Config, torch.nn.Module, torch.device]:
+def load_model_from_checkpoint(
+    path: Path, overrides: list[str]
+) -> tuple[Config, torch.nn.Module, torch.device, dict[str, Any]]:
+    """The checkpoint's config (plus overrides), its model in eval mode, the device, the checkpoint."""
     checkpoint = load_checkpoint(path)
     cfg = load_config(None, overrides, base=checkpoint["config"])
     device = resolve_device(cfg.run.device)
     model = build_model(cfg.model, num_classes=class_info(cfg.data).num_classes)
     model.load_state_dict(checkpoint["model"])
-    return cfg, model.to(device).eval(), device
+    return cfg, model.to(device).eval(), device, checkpoint

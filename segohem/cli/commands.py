@@ -21,7 +21,6 @@ from segohem.cli.build import build_loss, load_model_from_checkpoint
 from segohem.data import DatasetError, build_dataset, class_info
 from segohem.data.datasets import IMAGE_SUFFIXES
 from segohem.data.transforms import build_eval_transform
-from segohem.engine.checkpoint import load_checkpoint
 from segohem.engine.loop import BANK_FILE, autocast_context, evaluate
 from segohem.engine.mine import mine_split
 from segohem.gallery import choose_ids, write_gallery
@@ -31,7 +30,7 @@ from segohem.visualize import colorize_mask
 
 
 def run_eval(checkpoint: Path, *, split: str, overrides: list[str], output: Path | None) -> dict[str, Any]:
-    cfg, model, device = load_model_from_checkpoint(checkpoint, overrides)
+    cfg, model, device, _ = load_model_from_checkpoint(checkpoint, overrides)
     info = class_info(cfg.data)
     dataset = build_dataset(cfg.data, cfg.augment, split=split, train=False, seed=cfg.run.seed)
     loader = DataLoader(dataset, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers)
@@ -50,7 +49,7 @@ def run_eval(checkpoint: Path, *, split: str, overrides: list[str], output: Path
 
 def run_predict(checkpoint: Path, *, input_dir: Path, output_dir: Path, overrides: list[str]) -> int:
     """Write ``<stem>.png`` (class ids) and ``<stem>_color.png`` for every image in ``input_dir``."""
-    cfg, model, device = load_model_from_checkpoint(checkpoint, overrides)
+    cfg, model, device, _ = load_model_from_checkpoint(checkpoint, overrides)
     info = class_info(cfg.data)
     transform = build_eval_transform(cfg.augment, ignore_index=info.ignore_index)
     paths = sorted(p for p in input_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if input_dir.is_dir() else []
@@ -84,7 +83,7 @@ def run_predict(checkpoint: Path, *, input_dir: Path, output_dir: Path, override
 
 def run_mine(checkpoint: Path, *, split: str, output: Path | None, overrides: list[str]) -> Path:
     """Mine a split with a checkpoint into a hard-pixel store; returns the store's path."""
-    cfg, model, device = load_model_from_checkpoint(checkpoint, overrides)
+    cfg, model, device, state = load_model_from_checkpoint(checkpoint, overrides)
     info = class_info(cfg.data)
     dataset = build_dataset(cfg.data, cfg.augment, split=split, train=False, seed=cfg.run.seed)
     loader = DataLoader(dataset, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers)
@@ -96,7 +95,7 @@ def run_mine(checkpoint: Path, *, split: str, output: Path | None, overrides: li
         store_path=output, working_size=tuple(cfg.data.resize) if cfg.data.resize else None,  # type: ignore[arg-type]
         amp=cfg.train.amp, progress=cfg.train.progress,
     )  # fmt: skip
-    save_bank(bank, output, class_names=info.names, epoch=int(load_checkpoint(checkpoint)["train_state"]["epoch"]))
+    save_bank(bank, output, class_names=info.names, epoch=int(state["train_state"]["epoch"]))
     seconds = time.perf_counter() - started
     size = output.stat().st_size
     print(
@@ -124,7 +123,7 @@ def run_viz(
 ) -> Path:  # fmt: skip
     """Gallery of hard-pixel maps for a run's hardest (or chosen) images, plus its plots."""
     checkpoint = checkpoint or (run / "best.pt" if (run / "best.pt").exists() else run / "last.pt")
-    cfg, model, device = load_model_from_checkpoint(checkpoint, overrides)
+    cfg, model, device, _ = load_model_from_checkpoint(checkpoint, overrides)
     dataset = build_dataset(cfg.data, cfg.augment, split=split, train=False, seed=cfg.run.seed)
     store = run / BANK_FILE
     bank = load_bank(store) if store.exists() else None

@@ -31,9 +31,9 @@ def prediction_panels(
     model.eval()
     panels = []
     for index in indices:
-        image = dataset.load(index, scale=1.0)[0]
+        image, mask, source_yx, original_hw = dataset.load(index, scale=1.0)  # read once
         height, width = image.shape[:2]
-        sample = dataset[index]
+        sample = dataset.finish(index, image, mask, source_yx, original_hw)
         logits = model(sample["image"][None].to(device)).float()
         result = loss_fn(logits, sample["mask"][None].to(device))
         crop = (0, slice(0, height), slice(0, width))
