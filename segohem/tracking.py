@@ -53,20 +53,6 @@ class NullLogger:
         pass
 
 
-class MemoryLogger(NullLogger):
-    """Keeps every record in lists; for tests and notebooks."""
-
-    def __init__(self) -> None:
-        self.steps: list[dict[str, float]] = []
-        self.epochs: list[dict[str, float]] = []
-
-    def log_step(self, metrics: dict[str, float], *, step: int) -> None:
-        self.steps.append({"step": step, **metrics})
-
-    def log_epoch(self, metrics: dict[str, float], *, epoch: int, step: int) -> None:
-        self.epochs.append({"epoch": epoch, "step": step, **metrics})
-
-
 def _json_safe(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
