@@ -41,6 +41,8 @@ REFINE_METHODS: dict[str, list[str]] = {
     "refine-weight": ["refine.pixel_weight=2.0"],
     "refine-classweight": ["refine.class_weight_power=1.0"],
     "refine-weight-class": ["refine.pixel_weight=2.0", "refine.class_weight_power=0.5"],
+    "refine-head": ["model.refine_head=32"],
+    "refine-head-classsample": ["model.refine_head=32", "refine.sampler=class", "refine.sampler_floor=0.3"],
     "refine-all": ["refine.sampler=class", "refine.hard_crop_prob=0.5", "refine.crop_scale=2.0",
                    "refine.pixel_weight=1.0"],
 }  # fmt: skip
@@ -75,6 +77,11 @@ def commands_for(method: str, seed: int, args: argparse.Namespace) -> tuple[list
     return [*mine, refine], definition
 
 
+def with_settings(commands: list[list[str]], settings: list[str]) -> list[list[str]]:
+    """Append ``--set`` overrides (e.g. data.num_workers=4 on a bigger machine) to every command."""
+    return [[*command, *settings] for command in commands]
+
+
 def run_one(method: str, seed: int, args: argparse.Namespace) -> Path:
     result_path = args.results / f"{method}-s{seed}.json"
     if result_path.exists():
@@ -83,6 +90,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> Path:
     name = f"{method}-s{seed}"
     run_dir = args.runs / name
     commands, definition = commands_for(method, seed, args)
+    commands = with_settings(commands, args.set)
     env = {"WANDB_MODE": "disabled", **os.environ, "OMP_NUM_THREADS": str(args.threads),
            "MKL_NUM_THREADS": str(args.threads)}  # fmt: skip
     started = time.perf_counter()
@@ -159,6 +167,13 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "datasets" / "camvid")
     parser.add_argument(
         "--weights", type=Path, default=ROOT.parent / "shared" / "weights" / "timm-tf_efficientnet_lite0.imagenet.pth"
+    )
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides for every command, e.g. data.num_workers=4 (not for paired comparisons)",
     )
     parser.add_argument("--summary", action="store_true", help="only print the table of finished runs")
     args = parser.parse_args()

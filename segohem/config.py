@@ -68,6 +68,7 @@ class ModelConfig:
     encoder: str = "resnet18"  # any smp encoder name
     encoder_weights: str | None = None  # None | smp weight set name | local state-dict path
     encoder_depth: int = 5
+    refine_head: int = 0  # width of a small logit-correcting refinement head on top of the model; 0: none
 
 
 @dataclass

@@ -104,6 +104,24 @@ def test_mine_query_and_refine_end_to_end(tmp_path, capsys):
     assert main(["hard-pixels", "--run", str(run_dir), "--class", "nothing"]) == 2
 
 
+def test_refine_with_a_refinement_head_then_evaluate_and_mine_it(tmp_path, capsys):
+    run_train(tiny_config(tmp_path, "train.snapshot_epochs=[1]"), resume_from=None)
+    run_dir = tmp_path / "tiny"
+    code = main(["refine", "--run", str(run_dir), "--checkpoint", "epoch001.pt", "model.refine_head=8",
+                 "refine.pixel_weight=1.0"])  # fmt: skip
+    assert code == 0
+    assert "attached a new refinement head (width 8)" in capsys.readouterr().out
+    checkpoint = torch.load(tmp_path / "tiny-refine" / "last.pt", weights_only=False)
+    head_keys = [key for key in checkpoint["model"] if key.startswith("head.")]
+    assert head_keys and checkpoint["config"]["model"]["refine_head"] == 8
+    assert any(float(checkpoint["model"][key].abs().sum()) > 0 for key in head_keys if key.startswith("head.6"))
+    assert main(["eval", "--checkpoint", str(tmp_path / "tiny-refine" / "last.pt")]) == 0
+    assert "mIoU" in capsys.readouterr().out
+    store = tmp_path / "mined-head.sqlite"
+    assert main(["mine", "--checkpoint", str(tmp_path / "tiny-refine" / "last.pt"), "--output", str(store),
+                 "train.progress=false"]) == 0  # fmt: skip
+
+
 def test_class_weights_follow_each_class_hard_fraction():
     bank = HardPixelBank(3)
     bank.epochs[0] = EpochClassStats(np.array([10, 90, 0]), np.array([100, 100, 0]))

@@ -15,7 +15,7 @@ from segohem.config import Config, ConfigError, RefineConfig, load_config
 from segohem.data import build_dataset, class_info
 from segohem.data.samplers import EpochShuffleSampler
 from segohem.engine.checkpoint import load_checkpoint
-from segohem.model import build_model
+from segohem.model import build_model, load_model_state
 from segohem.ohem import OhemCrossEntropy
 from segohem.refine import BankDrivenDataset, WeightedEpochSampler, class_weights_from_bank, image_weights
 
@@ -93,5 +93,5 @@ def load_model_from_checkpoint(
     cfg = load_config(None, overrides, base=checkpoint["config"])
     device = resolve_device(cfg.run.device)
     model = build_model(cfg.model, num_classes=class_info(cfg.data).num_classes)
-    model.load_state_dict(checkpoint["model"])
+    load_model_state(model, checkpoint["model"])
     return cfg, model.to(device).eval(), device, checkpoint

@@ -16,8 +16,8 @@ from segohem.data import class_info
 from segohem.engine.checkpoint import load_checkpoint, restore_rng_state
 from segohem.engine.distributed import is_main_process
 from segohem.engine.loop import TrainState, fit, seed_everything
-from segohem.engine.optim import build_optimizer, build_scheduler
-from segohem.model import build_model
+from segohem.engine.optim import build_optimizer, build_scheduler, load_optimizer_state
+from segohem.model import build_model, load_model_state
 from segohem.plots import save_run_plots
 from segohem.tracking import LocalLogger, MultiLogger
 from segohem.wandb_logger import WandbLogger
@@ -55,8 +55,9 @@ def run_train(cfg: Config, *, resume_from: Path | None) -> TrainState:
         start_from = Path(cfg.refine.init)
     if start_from is not None:
         checkpoint = load_checkpoint(start_from)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        if load_model_state(model, checkpoint["model"]) == "base":
+            print(f"attached a new refinement head (width {cfg.model.refine_head}) to the model of {start_from}")
+        load_optimizer_state(optimizer, checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         state = TrainState(**checkpoint["train_state"])

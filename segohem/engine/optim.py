@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -17,6 +19,29 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     if cfg.name not in builders:
         raise ValueError(f"optim.name {cfg.name!r} is unknown; valid: {', '.join(builders)}")
     return builders[cfg.name]()
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> int:
+    """Load a saved optimizer state; parameters added since (a new head) start with fresh state.
+
+    The new parameters must come after the saved ones in a single parameter group, which is
+    how `build_optimizer` orders a `RefinedModel`. Returns how many parameters were added.
+    """
+    current = [len(group["params"]) for group in optimizer.param_groups]
+    stored = [len(group["params"]) for group in saved["param_groups"]]
+    if current == stored:
+        optimizer.load_state_dict(saved)
+        return 0
+    if len(current) != 1 or len(stored) != 1 or current[0] < stored[0]:
+        raise ValueError(
+            f"the checkpoint's optimizer holds parameter groups of sizes {stored}; this model needs {current}"
+        )
+    added = current[0] - stored[0]
+    group = dict(saved["param_groups"][0])
+    first_new = max(group["params"], default=-1) + 1
+    group["params"] = [*group["params"], *range(first_new, first_new + added)]
+    optimizer.load_state_dict({"state": saved["state"], "param_groups": [group]})
+    return added
 
 
 def poly_lr_factor(step: int, *, total_steps: int, warmup_steps: int, power: float, min_factor: float) -> float:
