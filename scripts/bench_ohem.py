@@ -52,12 +52,19 @@ def make_inputs(
     return logits, target
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def median_ms(fn: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor, repeats: int) -> float:
     times = []
     for i in range(repeats + 1):
         leaf = logits.detach().requires_grad_()
+        synchronize(logits.device)
         start = time.perf_counter()
         fn(leaf).backward()
+        synchronize(logits.device)
         if i:  # the first call warms up allocators and kernels
             times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
@@ -70,7 +77,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=(512, 1024), metavar=("H", "W"))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--min-kept", type=int, default=100_000, help="per image, mmseg's default")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    device = torch.device(args.device)
     height, width = args.size
     threshold_loss = OhemCrossEntropy(mode="threshold", thresh=0.7, min_kept=args.min_kept, ignore_index=IGNORE_INDEX)
     topk_loss = OhemCrossEntropy(mode="topk", top_k=0.2, ignore_index=IGNORE_INDEX)
@@ -81,7 +90,8 @@ def main() -> None:
         "segohem topk 20%": lambda x, t: topk_loss(x, t).loss,
     }
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"torch {torch.__version__}, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+        f"threads {torch.get_num_threads()}, "
         f"B={args.batch} C={args.classes} {height}x{width}, median of {args.repeats}"
     )
     print(f"{'scenario':<26}{'method':<20}{'ms':>9}{'x plain CE':>12}{'ref / this':>12}")
@@ -89,6 +99,7 @@ def main() -> None:
         logits, target = make_inputs(
             batch=args.batch, classes=args.classes, height=height, width=width, confident=confident
         )
+        logits, target = logits.to(device), target.to(device)
         kept = threshold_loss(logits, target).kept_fraction.mean().item()
         timings = {
             name: median_ms(lambda x, f=fn, t=target: f(x, t), logits, args.repeats) for name, fn in methods.items()
