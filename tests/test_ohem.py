@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segohem.ohem import OhemCrossEntropy, keep_floor_at, resolve_count, select_hard_pixels
+from segohem.ohem import OhemCrossEntropy, _topk_rows, keep_floor_at, resolve_count, select_hard_pixels
 
 IGNORE = 255
 
@@ -219,3 +219,23 @@ def test_topk_matches_a_stable_sort_reference_with_many_ties():
             candidates = [j for j in range(len(flat_loss)) if flat_valid[j]]
             chosen = sorted(candidates, key=lambda j: (-flat_loss[j], j))[:k]
             assert sel.hard_mask[i].flatten().nonzero().flatten().tolist() == sorted(chosen)
+
+
+def test_sort_and_kthvalue_paths_choose_the_same_pixels():
+    """CUDA ranks rows with a stable sort, the CPU with kthvalue: the same mask and k-th loss."""
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(40):
+        rows, width = int(torch.randint(1, 5, (1,), generator=gen)), int(torch.randint(1, 300, (1,), generator=gen))
+        if trial % 2:  # many exact ties, as saturated losses late in training
+            row_loss = torch.randint(0, 3, (rows, width), generator=gen).float()
+        else:
+            row_loss = torch.rand(rows, width, generator=gen)
+        valid = torch.rand(rows, width, generator=gen) > 0.3
+        valid[:, 0] = True
+        row_loss = row_loss.masked_fill(~valid, -math.inf)
+        num_valid = valid.sum(1)
+        num_keep = (torch.rand(rows, generator=gen) * num_valid).long().clamp(min=1)
+        mask_k, kth_k = _topk_rows(row_loss, num_keep, by_sort=False)
+        mask_s, kth_s = _topk_rows(row_loss, num_keep, by_sort=True)
+        assert torch.equal(mask_k, mask_s) and torch.equal(kth_k, kth_s)
+        assert torch.equal(mask_s.sum(1), num_keep) and not (mask_s & ~valid).any()
