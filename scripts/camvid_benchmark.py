@@ -32,7 +32,8 @@ METHODS: dict[str, list[str]] = {
     "topk": ["ohem.mode=topk", "ohem.top_k=0.2"],
 }
 # Refinement stages: epochs 16-20 of a base run, continued from its epoch-15 snapshot and
-# driven by a read-only mining pass of that snapshot over the train split.
+# driven by a read-only mining pass of that snapshot over the train split. The base is
+# threshold OHEM; "<refine method>@topk" refines the top-k OHEM run instead.
 REFINE_BASE, REFINE_FROM = "threshold", "epoch015.pt"
 REFINE_METHODS: dict[str, list[str]] = {
     "refine-sample": ["refine.sampler=image", "refine.sampler_floor=0.3"],
@@ -55,7 +56,9 @@ def segohem(*arguments: str) -> list[str]:
 def commands_for(method: str, seed: int, args: argparse.Namespace) -> tuple[list[list[str]], list[str]]:
     """The commands that (re)produce one run, and the overrides that define the method."""
     name, run_dir = f"{method}-s{seed}", args.runs / f"{method}-s{seed}"
-    definition = METHODS.get(method) or [f"from {REFINE_BASE} {REFINE_FROM}", *REFINE_METHODS[method]]
+    refine_method, _, refine_base = method.partition("@")
+    refine_base = refine_base or REFINE_BASE
+    definition = METHODS.get(method) or [f"from {refine_base} {REFINE_FROM}", *REFINE_METHODS[refine_method]]
     if (run_dir / "last.pt").exists():  # interrupted: resume it (its config.yaml holds everything)
         return [segohem("train", "--resume", str(run_dir), "train.progress=false")], definition
     if method in METHODS:
@@ -65,15 +68,15 @@ def commands_for(method: str, seed: int, args: argparse.Namespace) -> tuple[list
             "train.eval_every=5", *METHODS[method],
         ]  # fmt: skip
         return [segohem("train", "--config", str(ROOT / "configs" / "camvid.yaml"), *overrides)], definition
-    base_dir = args.runs / f"{REFINE_BASE}-s{seed}"
+    base_dir = args.runs / f"{refine_base}-s{seed}"
     snapshot = base_dir / REFINE_FROM
     if not snapshot.exists():
-        raise FileNotFoundError(f"{name} needs {snapshot}: run the {REFINE_BASE} method for seed {seed} first")
+        raise FileNotFoundError(f"{name} needs {snapshot}: run the {refine_base} method for seed {seed} first")
     store = base_dir / f"mined_train_{snapshot.stem}.sqlite"
     mine = [] if store.exists() else [segohem("mine", "--checkpoint", str(snapshot), "--output", str(store),
                                               "train.progress=false")]  # fmt: skip
     refine = segohem("refine", "--run", str(base_dir), "--checkpoint", REFINE_FROM, "--bank", str(store),
-                     f"run.name={name}", "train.eval_every=5", *REFINE_METHODS[method])  # fmt: skip
+                     f"run.name={name}", "train.eval_every=5", *REFINE_METHODS[refine_method])  # fmt: skip
     return [*mine, refine], definition
 
 
@@ -128,29 +131,31 @@ def summarize(results_dir: Path) -> str:
     by_method: dict[str, dict[int, dict]] = {}
     for r in results:
         by_method.setdefault(r["method"], {})[r["seed"]] = r
-    plain, ohem = by_method.get("plain", {}), by_method.get(REFINE_BASE, {})
+    plain, threshold, topk = (by_method.get(m, {}) for m in ("plain", "threshold", "topk"))
 
     def rare(r: dict) -> float:
         return statistics.mean(r["final_iou"][c] for c in RARE_CLASSES)
 
+    def miou(r: dict) -> float:
+        return r["final_miou"]
+
     lines = [
-        "| method | seeds | mIoU mean | min..max | vs plain CE, per seed | vs threshold OHEM, per seed "
+        "| method | seeds | mIoU mean | min..max | vs plain CE, per seed | vs threshold OHEM | vs top-k OHEM "
         "| rare-class IoU | rare vs plain CE | train min/run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for method, runs in by_method.items():
+    for method, runs in sorted(by_method.items(), key=lambda item: (item[0].startswith("refine"), item[0])):
         mious = [100 * r["final_miou"] for r in runs.values()]
         lines.append(
             f"| {method} | {','.join(map(str, sorted(runs)))} | {statistics.mean(mious):.2f} | "
-            f"{min(mious):.2f}..{max(mious):.2f} | {paired(runs, plain, lambda r: r['final_miou'])} | "
-            f"{paired(runs, ohem, lambda r: r['final_miou'])} | "
-            f"{100 * statistics.mean(rare(r) for r in runs.values()):.2f} | {paired(runs, plain, rare)} | "
-            f"{statistics.mean(r['train_seconds'] for r in runs.values()) / 60:.0f} |"
+            f"{min(mious):.2f}..{max(mious):.2f} | {paired(runs, plain, miou)} | {paired(runs, threshold, miou)} | "
+            f"{paired(runs, topk, miou)} | {100 * statistics.mean(rare(r) for r in runs.values()):.2f} | "
+            f"{paired(runs, plain, rare)} | {statistics.mean(r['train_seconds'] for r in runs.values()) / 60:.0f} |"
         )
     classes = list(results[0]["final_iou"]) if results else []
     lines += ["", "Per-class IoU (%, mean over the seeds listed above):", "",
               "| method | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]  # fmt: skip
-    for method, runs in by_method.items():
+    for method, runs in sorted(by_method.items(), key=lambda item: (item[0].startswith("refine"), item[0])):
         means = [100 * statistics.mean(r["final_iou"][c] for r in runs.values()) for c in classes]
         lines.append(f"| {method} | " + " | ".join(f"{m:.1f}" for m in means) + " |")
     return "\n".join(lines)
@@ -158,7 +163,12 @@ def summarize(results_dir: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *REFINE_METHODS])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=[*METHODS, *REFINE_METHODS, *(f"{m}@topk" for m in REFINE_METHODS)],
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (one per core)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
