@@ -1,0 +1,62 @@
+"""The CamVid benchmark runner: the commands it builds and the paired table it prints."""
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "camvid_benchmark.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("camvid_benchmark", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def arguments(tmp_path: Path) -> argparse.Namespace:
+    return argparse.Namespace(runs=tmp_path / "runs", data_root=tmp_path / "camvid", weights=tmp_path / "w.pth")
+
+
+def test_refinement_on_the_topk_base_mines_and_refines_that_run(bench, tmp_path):
+    args = arguments(tmp_path)
+    with pytest.raises(FileNotFoundError, match="run the topk method for seed 1 first"):
+        bench.commands_for("refine-classsample@topk", 1, args)
+    base = args.runs / "topk-s1"
+    base.mkdir(parents=True)
+    (base / "epoch015.pt").touch()
+    commands, definition = bench.commands_for("refine-classsample@topk", 1, args)
+    mine, refine = bench.with_settings(commands, ["data.num_workers=2"])
+    assert mine[mine.index("--checkpoint") + 1] == str(base / "epoch015.pt")
+    assert refine[refine.index("--run") + 1] == str(base)
+    assert "run.name=refine-classsample@topk-s1" in refine and "refine.sampler=class" in refine
+    assert mine[-1] == refine[-1] == "data.num_workers=2"
+    assert definition[0] == "from topk epoch015.pt"
+    (base / "mined_train_epoch015.sqlite").touch()  # mined once: later stages only refine
+    assert len(bench.commands_for("refine-head@topk", 1, args)[0]) == 1
+
+
+def test_summary_pairs_each_method_with_the_same_seed(bench, tmp_path):
+    classes = ["road", *bench.RARE_CLASSES]
+
+    def write(method: str, seed: int, miou: float, rare: float) -> None:
+        iou = {c: (rare if c in bench.RARE_CLASSES else 0.9) for c in classes}
+        record = {"method": method, "seed": seed, "final_miou": miou, "final_iou": iou, "train_seconds": 60.0}
+        (tmp_path / f"{method}-s{seed}.json").write_text(json.dumps(record))
+
+    write("plain", 0, 0.60, 0.30)
+    write("plain", 1, 0.64, 0.30)
+    write("topk", 0, 0.61, 0.36)
+    write("topk", 1, 0.66, 0.34)
+    write("refine-classsample@topk", 1, 0.67, 0.40)  # seed 0 missing: paired on seed 1 only
+    main_table = bench.summarize(tmp_path).split("Per-class")[0]
+    rows = {line.split(" | ")[0].strip("| "): line for line in main_table.splitlines()}
+    assert "+1.00 +2.00 (mean +1.50)" in rows["topk"]  # vs plain CE, per seed
+    assert "+6.00 +4.00 (mean +5.00)" in rows["topk"]  # rare-class IoU vs plain CE
+    assert "+3.00 (mean +3.00)" in rows["refine-classsample@topk"]  # vs plain, seed 1
+    assert "+1.00 (mean +1.00)" in rows["refine-classsample@topk"]  # vs top-k, seed 1
