@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "camvid_benchmark.py"
@@ -60,3 +61,22 @@ def test_summary_pairs_each_method_with_the_same_seed(bench, tmp_path):
     assert "+6.00 +4.00 (mean +5.00)" in rows["topk"]  # rare-class IoU vs plain CE
     assert "+3.00 (mean +3.00)" in rows["refine-classsample@topk"]  # vs plain, seed 1
     assert "+1.00 (mean +1.00)" in rows["refine-classsample@topk"]  # vs top-k, seed 1
+
+
+def test_hard_duplicate_nms_suppresses_overlapping_masks_keeping_the_hardest():
+    spec = importlib.util.spec_from_file_location("hard_duplicates", SCRIPT.parent / "hard_duplicates.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    masks = np.zeros((4, 10, 10), dtype=bool)
+    masks[0, :5] = True  # rows 0-4
+    masks[1, :4] = True  # rows 0-3: IoU 0.8 with image 0
+    masks[2, 5:] = True  # disjoint from image 0
+    masks[3, :3] = True  # IoU 0.6 with image 0, 0.75 with image 1
+    iou = module.pairwise_iou(masks)
+    assert np.allclose(np.diag(iou), 1) and iou[0, 1] == pytest.approx(0.8) and iou[0, 2] == 0
+    assert iou[0, 3] == pytest.approx(0.6) and iou[1, 3] == pytest.approx(0.75)
+    # image 1 is the hardest: it suppresses 0 (0.8) and 3 (0.75); 2 is disjoint and stays
+    assert sorted(module.greedy_nms(np.array([0.5, 0.9, 0.1, 0.2]), iou, 0.7).tolist()) == [1, 2]
+    # image 0 the hardest: suppresses 1 only; 3 overlaps 0 at 0.6 and stays
+    assert sorted(module.greedy_nms(np.array([0.9, 0.5, 0.1, 0.2]), iou, 0.7).tolist()) == [0, 2, 3]
