@@ -57,11 +57,13 @@ def test_optimizer_state_extends_to_a_new_head():
     refined = build_model(ModelConfig(encoder="resnet18", refine_head=4), num_classes=3)
     load_model_state(refined, base.state_dict())
     extended = build_optimizer(refined, OptimConfig(lr=0.1))
-    added = load_optimizer_state(extended, optimizer.state_dict())
+    with pytest.raises(ValueError, match="parameter groups of sizes"):  # only where a head was attached
+        load_optimizer_state(extended, optimizer.state_dict())
+    added = load_optimizer_state(extended, optimizer.state_dict(), allow_new=True)
     assert added == len(list(refined.head.parameters()))
     moments = [extended.state[p]["exp_avg"] for p in refined.base.parameters() if p in extended.state]
     saved = [optimizer.state[p]["exp_avg"] for p in base.parameters() if p in optimizer.state]
     assert len(moments) == len(saved) > 0 and all(torch.equal(a, b) for a, b in zip(moments, saved, strict=True))
     assert not any(p in extended.state for p in refined.head.parameters())
     with pytest.raises(ValueError, match="parameter groups of sizes"):
-        load_optimizer_state(build_optimizer(base, OptimConfig()), extended.state_dict())
+        load_optimizer_state(build_optimizer(base, OptimConfig()), extended.state_dict(), allow_new=True)

@@ -55,9 +55,10 @@ def run_train(cfg: Config, *, resume_from: Path | None) -> TrainState:
         start_from = Path(cfg.refine.init)
     if start_from is not None:
         checkpoint = load_checkpoint(start_from)
-        if load_model_state(model, checkpoint["model"]) == "base":
+        new_head = load_model_state(model, checkpoint["model"]) == "base"
+        if new_head:
             print(f"attached a new refinement head (width {cfg.model.refine_head}) to the model of {start_from}")
-        load_optimizer_state(optimizer, checkpoint["optimizer"])
+        load_optimizer_state(optimizer, checkpoint["optimizer"], allow_new=new_head)
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         state = TrainState(**checkpoint["train_state"])

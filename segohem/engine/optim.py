@@ -21,8 +21,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     return builders[cfg.name]()
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> int:
-    """Load a saved optimizer state; parameters added since (a new head) start with fresh state.
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any], *, allow_new: bool = False) -> int:
+    """Load a saved optimizer state; with ``allow_new``, parameters added since (a new
+    refinement head) start with fresh state.
 
     The new parameters must come after the saved ones in a single parameter group, which is
     how `build_optimizer` orders a `RefinedModel`. Returns how many parameters were added.
@@ -32,7 +33,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]
     if current == stored:
         optimizer.load_state_dict(saved)
         return 0
-    if len(current) != 1 or len(stored) != 1 or current[0] < stored[0]:
+    if not allow_new or len(current) != 1 or len(stored) != 1 or current[0] < stored[0]:
         raise ValueError(
             f"the checkpoint's optimizer holds parameter groups of sizes {stored}; this model needs {current}"
         )
