@@ -132,6 +132,7 @@ def summarize(results_dir: Path) -> str:
     for r in results:
         by_method.setdefault(r["method"], {})[r["seed"]] = r
     plain, threshold, topk = (by_method.get(m, {}) for m in ("plain", "threshold", "topk"))
+    ordered = sorted(by_method.items(), key=lambda item: (item[0].startswith("refine"), item[0]))  # baselines first
 
     def rare(r: dict) -> float:
         return statistics.mean(r["final_iou"][c] for c in RARE_CLASSES)
@@ -144,7 +145,7 @@ def summarize(results_dir: Path) -> str:
         "| rare-class IoU | rare vs plain CE | train min/run |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for method, runs in sorted(by_method.items(), key=lambda item: (item[0].startswith("refine"), item[0])):
+    for method, runs in ordered:
         mious = [100 * r["final_miou"] for r in runs.values()]
         lines.append(
             f"| {method} | {','.join(map(str, sorted(runs)))} | {statistics.mean(mious):.2f} | "
@@ -155,7 +156,7 @@ def summarize(results_dir: Path) -> str:
     classes = list(results[0]["final_iou"]) if results else []
     lines += ["", "Per-class IoU (%, mean over the seeds listed above):", "",
               "| method | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]  # fmt: skip
-    for method, runs in sorted(by_method.items(), key=lambda item: (item[0].startswith("refine"), item[0])):
+    for method, runs in ordered:
         means = [100 * statistics.mean(r["final_iou"][c] for r in runs.values()) for c in classes]
         lines.append(f"| {method} | " + " | ".join(f"{m:.1f}" for m in means) + " |")
     return "\n".join(lines)
