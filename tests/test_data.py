@@ -1,9 +1,22 @@
+import os
+
 import cv2
 import numpy as np
 import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
 
 from segohem.config import AugmentConfig, load_config
-from segohem.data import DatasetError, FolderDataset, SyntheticDataset, build_dataset
+from segohem.data import (
+    DatasetError,
+    FolderDataset,
+    SyntheticDataset,
+    build_dataset,
+    dataset_error_message,
+    read_image,
+    read_mask,
+)  # fmt: skip
 from segohem.data.presets import CAMVID, SYNTHETIC
 from segohem.data.samplers import EpochShuffleSampler
 from segohem.data.transforms import build_eval_transform, build_train_transform
@@ -75,6 +88,95 @@ def test_missing_label_file_is_named(tmp_path):
     cv2.imwrite(str(tmp_path / "img" / "lonely.png"), np.zeros((4, 4, 3), np.uint8))
     with pytest.raises(DatasetError, match=r"no label file .*\['lonely'\]"):
         folder_dataset(tmp_path)
+
+
+def write_bytes_named(folder, name: bytes, data: bytes):
+    """Write ``data`` under a raw byte file name (which need not be valid UTF-8)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(os.fsencode(folder), name), "wb") as file:
+        file.write(data)
+
+
+def png_bytes(array):
+    return cv2.imencode(".png", array)[1].tobytes()
+
+
+def test_reader_and_dataset_accept_file_names_that_are_not_utf8(tmp_path):
+    image = np.zeros((6, 8, 3), np.uint8)
+    image[..., 0] = 200  # red in RGB order
+    mask = np.arange(48, dtype=np.uint8).reshape(6, 8) % 3
+    write_bytes_named(tmp_path / "img", b"a\xff.png", png_bytes(image[..., ::-1]))
+    write_bytes_named(tmp_path / "ann", b"a\xff.png", png_bytes(mask))
+    image_path = tmp_path / "img" / os.fsdecode(b"a\xff.png")
+    assert np.array_equal(read_image(image_path), image)
+    assert np.array_equal(read_mask(tmp_path / "ann" / os.fsdecode(b"a\xff.png")), mask)
+    ds = folder_dataset(tmp_path)
+    sample = next(iter(DataLoader(ds, batch_size=1)))
+    assert sample["sample_id"] == ["a\\xff"]  # printable, and storable as UTF-8 text
+    assert torch.equal(sample["mask"][0], torch.from_numpy(mask.astype(np.int64)))
+
+
+def test_a_broken_file_with_a_non_utf8_name_is_named_printably(tmp_path):
+    write_bytes_named(tmp_path, b"b\xff.png", b"")
+    with pytest.raises(DatasetError, match=r"b\\xff\.png: the file is empty") as err:
+        read_image(tmp_path / os.fsdecode(b"b\xff.png"))
+    str(err.value).encode("utf-8")  # printable on a UTF-8 terminal
+
+
+@pytest.mark.parametrize("reader", [read_image, read_mask])
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("empty", r"x\.png: the file is empty \(0 bytes\)"),
+        ("corrupt", r"x\.png: corrupt or not an image"),
+        ("missing", r"x\.png: No such file or directory"),
+        ("folder", r"x\.png: Is a directory"),
+    ],
+)
+def test_unreadable_files_raise_dataset_error_naming_the_file(tmp_path, reader, case, message):
+    path = tmp_path / "x.png"
+    if case == "empty":
+        path.write_bytes(b"")
+    if case == "corrupt":
+        path.write_bytes(png_bytes(np.zeros((8, 8), np.uint8))[:40])  # truncated PNG
+    if case == "folder":
+        path.mkdir()
+    with pytest.raises(DatasetError, match=message):
+        reader(path)
+
+
+def test_palette_png_masks_give_their_indices_not_colours(tmp_path):
+    write_pair(tmp_path, "a", np.zeros((6, 8, 3), np.uint8), np.zeros((6, 8), np.uint8))
+    labels = np.zeros((6, 8), np.uint8)
+    labels[2:, :4], labels[0, 0] = 1, 255
+    palette_mask = Image.fromarray(labels, mode="P")
+    palette_mask.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [224, 224, 192] * 253)  # VOC-like
+    palette_mask.save(tmp_path / "ann" / "a.png")
+    assert Image.open(tmp_path / "ann" / "a.png").mode == "P"  # really a colour type 3 PNG
+    assert np.array_equal(read_mask(tmp_path / "ann" / "a.png"), labels)
+    assert np.array_equal(folder_dataset(tmp_path)[0]["mask"].numpy(), labels)
+
+
+@pytest.mark.parametrize("folder", ["img", "ann"])
+def test_two_files_with_one_stem_are_an_error_naming_both(tmp_path, folder):
+    write_pair(tmp_path, "a", np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8))
+    cv2.imwrite(str(tmp_path / folder / "a.jpg"), np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(DatasetError, match=rf"{folder} .*\(a\.jpg and a\.png\); .*keep one file per stem"):
+        folder_dataset(tmp_path)
+
+
+def test_a_worker_error_gives_back_its_one_line_message(tmp_path):
+    write_pair(tmp_path, "a", np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8))
+    (tmp_path / "img" / "a.png").write_bytes(b"not a png at all")
+    ds = folder_dataset(tmp_path)
+    with pytest.raises(DatasetError) as direct:
+        ds[0]
+    with pytest.raises(DatasetError) as from_worker:
+        next(iter(DataLoader(ds, batch_size=1, num_workers=1)))
+    assert "Traceback" in str(from_worker.value)  # what torch makes of it
+    assert dataset_error_message(from_worker.value) == str(direct.value)
+    assert dataset_error_message(direct.value) == str(direct.value)
+    assert "img/a.png: corrupt or not an image" in str(direct.value)
 
 
 def test_crop_and_pad_fill_masks_with_ignore_never_class_zero():

@@ -1,9 +1,12 @@
-"""Datasets, presets and augmentation pipelines."""
+"""Datasets, presets, augmentation pipelines and the image reader."""
 
 from segohem.data.build import ClassInfo, build_dataset, class_info
-from segohem.data.datasets import DatasetError, FolderDataset, SegmentationDataset, SyntheticDataset
+from segohem.data.datasets import FolderDataset, SegmentationDataset, SyntheticDataset
+from segohem.data.errors import DatasetError, dataset_error_message
+from segohem.data.io import IMAGE_SUFFIXES, display_path, read_image, read_mask
 
 __all__ = [
-    "ClassInfo", "DatasetError", "FolderDataset", "SegmentationDataset", "SyntheticDataset",
-    "build_dataset", "class_info",
+    "IMAGE_SUFFIXES", "ClassInfo", "DatasetError", "FolderDataset", "SegmentationDataset", "SyntheticDataset",
+    "build_dataset", "class_info", "dataset_error_message", "display_path", "read_image",
+    "read_mask",
 ]  # fmt: skip

@@ -12,13 +12,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from segohem.data.errors import DatasetError
+from segohem.data.io import IMAGE_SUFFIXES, display_path, read_image, read_mask
 from segohem.data.synthetic import render_scene
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-class DatasetError(ValueError):
-    """A sample cannot be used; the message names the file and what is wrong with it."""
+__all__ = ["IMAGE_SUFFIXES", "DatasetError", "FolderDataset", "SegmentationDataset", "SyntheticDataset"]
 
 
 class SegmentationDataset(Dataset[dict[str, Any]]):
@@ -109,28 +107,48 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
             )
 
 
+def files_by_stem(folder: Path, *, what: str) -> dict[str, Path]:
+    """The image files of ``folder`` keyed by stem; DatasetError when two files share a stem."""
+    groups: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            groups.setdefault(path.stem, []).append(path)
+    clashes = [paths for paths in groups.values() if len(paths) > 1]
+    if clashes:
+        named = "; ".join(" and ".join(display_path(p.name) for p in paths) for paths in clashes[:3])
+        raise DatasetError(
+            f"{len(clashes)} stem(s) in the {what} folder {display_path(folder)} name more than one file "
+            f"({named}); samples are matched by file stem, so keep one file per stem"
+        )
+    return {stem: paths[0] for stem, paths in groups.items()}
+
+
 class FolderDataset(SegmentationDataset):
-    """Images and single-channel label PNGs in two folders, matched by file stem."""
+    """Images and single-channel (or palette) label PNGs in two folders, matched by file stem.
+
+    ``sample_id`` is the stem as printable text (non-UTF-8 bytes of a name as ``\\xff``).
+    """
 
     def __init__(self, image_dir: str | Path, mask_dir: str | Path, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.image_dir, self.mask_dir = Path(image_dir), Path(mask_dir)
         for folder in (self.image_dir, self.mask_dir):
             if not folder.is_dir():
-                raise DatasetError(f"dataset folder {folder} does not exist")
-        images = {p.stem: p for p in self.image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-        masks = {p.stem: p for p in self.mask_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-        missing = sorted(set(images) - set(masks))
+                raise DatasetError(f"dataset folder {display_path(folder)} does not exist")
+        images = files_by_stem(self.image_dir, what="image")
+        masks = files_by_stem(self.mask_dir, what="label")
+        missing = sorted(display_path(stem) for stem in set(images) - set(masks))
         if missing:
             raise DatasetError(
-                f"{len(missing)} image(s) in {self.image_dir} have no label file of the same stem "
-                f"in {self.mask_dir}, e.g. {missing[:3]}"
+                f"{len(missing)} image(s) in {display_path(self.image_dir)} have no label file of the same stem "
+                f"in {display_path(self.mask_dir)}, e.g. {missing[:3]}"
             )
         if not images:
-            raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {self.image_dir}")
-        self.stems = sorted(images)
-        self.image_paths = [images[s] for s in self.stems]
-        self.mask_paths = [masks[s] for s in self.stems]
+            raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {display_path(self.image_dir)}")
+        stems = sorted(images)
+        self.image_paths = [images[s] for s in stems]
+        self.mask_paths = [masks[s] for s in stems]
+        self.stems = [display_path(s) for s in stems]
 
     def __len__(self) -> int:
         return len(self.stems)
@@ -140,24 +158,14 @@ class FolderDataset(SegmentationDataset):
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, mask_path = self.image_paths[index], self.mask_paths[index]
-        image = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise DatasetError(f"cannot read image {image_path}: missing, corrupt or not an image")
-        mask = cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED)
-        if mask is None:
-            raise DatasetError(f"cannot read label file {mask_path}: missing, corrupt or not an image")
-        if mask.ndim != 2:
-            raise DatasetError(
-                f"label file {mask_path} has {mask.shape[2]} channels; expected a single-channel "
-                f"map of class ids (colour-coded masks must be converted first)"
-            )
+        image, mask = read_image(image_path), read_mask(mask_path)
         if mask.shape != image.shape[:2]:
             raise DatasetError(
-                f"label file {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
-                f"{image_path} is {image.shape[1]}x{image.shape[0]} (width x height)"
+                f"label file {display_path(mask_path)} is {mask.shape[1]}x{mask.shape[0]} but its image "
+                f"{display_path(image_path)} is {image.shape[1]}x{image.shape[0]} (width x height)"
             )
-        self.check_labels(mask, str(mask_path))
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), mask
+        self.check_labels(mask, display_path(mask_path))
+        return image, mask
 
 
 class SyntheticDataset(SegmentationDataset):
