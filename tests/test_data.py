@@ -13,6 +13,7 @@ from segohem.data import (
     FolderDataset,
     SyntheticDataset,
     build_dataset,
+    collate_samples,
     dataset_error_message,
     read_image,
     read_mask,
@@ -111,7 +112,7 @@ def test_reader_and_dataset_accept_file_names_that_are_not_utf8(tmp_path):
     assert np.array_equal(read_image(image_path), image)
     assert np.array_equal(read_mask(tmp_path / "ann" / os.fsdecode(b"a\xff.png")), mask)
     ds = folder_dataset(tmp_path)
-    sample = next(iter(DataLoader(ds, batch_size=1)))
+    sample = next(iter(DataLoader(ds, batch_size=1, collate_fn=collate_samples)))
     assert sample["sample_id"] == ["a\\xff"]  # printable, and storable as UTF-8 text
     assert torch.equal(sample["mask"][0], torch.from_numpy(mask.astype(np.int64)))
 
@@ -163,6 +164,29 @@ def test_two_files_with_one_stem_are_an_error_naming_both(tmp_path, folder):
     cv2.imwrite(str(tmp_path / folder / "a.jpg"), np.zeros((4, 4, 3), np.uint8))
     with pytest.raises(DatasetError, match=rf"{folder} .*\(a\.jpg and a\.png\); .*keep one file per stem"):
         folder_dataset(tmp_path)
+
+
+def test_collate_names_samples_of_different_sizes_and_the_fix():
+    def sample(sample_id, height, width):
+        return {
+            "image": torch.zeros(3, height, width), "mask": torch.zeros(height, width, dtype=torch.int64),
+            "source_hw": torch.tensor([height, width]), "sample_id": sample_id, "index": 0,
+        }  # fmt: skip
+
+    batch = collate_samples([sample("a", 4, 6), sample("b", 4, 6)])
+    assert batch["image"].shape == (2, 3, 4, 6) and batch["sample_id"] == ["a", "b"]
+    with pytest.raises(DatasetError, match=r"image size .*: a 4x6, b 5x6; set data\.resize=\[H, W\] .*augment\.crop"):
+        collate_samples([sample("a", 4, 6), sample("b", 5, 6)])
+
+
+def test_a_loader_over_images_of_two_sizes_names_them(tmp_path):
+    write_pair(tmp_path, "small", np.zeros((20, 30, 3), np.uint8), np.zeros((20, 30), np.uint8))
+    write_pair(tmp_path, "tall", np.zeros((40, 30, 3), np.uint8), np.zeros((40, 30), np.uint8))
+    loader = DataLoader(folder_dataset(tmp_path), batch_size=2, collate_fn=collate_samples)
+    with pytest.raises(DatasetError, match=r"small 20x30, tall 40x30; set data\.resize"):
+        next(iter(loader))
+    resized = folder_dataset(tmp_path, resize=(24, 32))
+    assert next(iter(DataLoader(resized, batch_size=2, collate_fn=collate_samples)))["image"].shape == (2, 3, 24, 32)
 
 
 def test_a_worker_error_gives_back_its_one_line_message(tmp_path):
