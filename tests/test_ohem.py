@@ -159,17 +159,24 @@ def test_ties_are_broken_by_pixel_index():
     assert sel.hard_mask.flatten().nonzero().flatten().tolist() == [1, 2, 3]
 
 
-def test_selection_is_in_fp32_for_half_precision_losses():
-    pixel_loss = torch.tensor([[[0.1001, 0.1002, 0.1003, 0.5]]])
-    valid = torch.ones_like(pixel_loss, dtype=torch.bool)
-    full = select_hard_pixels(pixel_loss, valid, mode="topk", top_k=2).hard_mask
-    logits = torch.randn(2, 4, 6, 6)
-    target = torch.randint(0, 4, (2, 6, 6))
-    loss_fn = OhemCrossEntropy(mode="topk", top_k=0.3, ignore_index=IGNORE)
-    assert torch.equal(
-        loss_fn(logits.bfloat16().float(), target).hard_mask, loss_fn(logits.bfloat16(), target).hard_mask
-    )
-    assert full.flatten().tolist() == [False, False, True, True]
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_selection_is_in_fp32_for_half_precision_logits(dtype):
+    # Target logits one half-precision step apart (exact in `dtype`): their fp32 losses are all
+    # distinct and rise with the pixel index, but a loss computed in `dtype` rounds them into
+    # ties, which the index tie-break would resolve towards the wrong (lower) pixels.
+    num_pixels, num_classes = 16, 8
+    logits = torch.zeros(1, num_classes, 1, num_pixels)
+    logits[0, 0, 0] = -(0.5 + torch.arange(num_pixels) * torch.finfo(dtype).eps / 2)
+    logits = logits.to(dtype)
+    target = torch.zeros(1, 1, num_pixels, dtype=torch.long)
+    loss_fn = OhemCrossEntropy(mode="topk", top_k=3, ignore_index=IGNORE)
+    fp32_mask = loss_fn(logits.float(), target).hard_mask
+    assert fp32_mask.flatten().nonzero().flatten().tolist() == [13, 14, 15]
+    assert torch.equal(loss_fn(logits, target).hard_mask, fp32_mask)
+    # the test can fail: losses computed in `dtype` would choose other pixels
+    half_loss = F.cross_entropy(logits, target, reduction="none")
+    half_mask = select_hard_pixels(half_loss, target >= 0, mode="topk", top_k=3).hard_mask
+    assert half_loss.dtype == dtype and not torch.equal(half_mask, fp32_mask)
 
 
 def test_warmup_ramps_kept_fraction_from_all_to_target():
