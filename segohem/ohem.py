@@ -11,6 +11,8 @@ Semantics (stated on purpose; see docs/ohem.md for how they differ from mmseg/HR
   size or on the other images in the batch. ``scope="batch"`` pools the whole local batch,
   as mmseg's ``OHEMPixelSampler`` and HRNet's ``OhemCrossEntropy`` do.
 * Ignored pixels are never selected, never counted in k and never in the denominator.
+* ``min_kept`` / ``top_k`` are an ``int`` pixel count per image, a ``float`` fraction strictly
+  in (0, 1) or a percentage string such as ``"20%"``; ``1.0`` is refused as ambiguous.
 * The loss is the mean over kept pixels (class-weighted mean when ``class_weight`` is set).
   Nothing to keep gives a zero loss that is still connected to the graph, never NaN.
 * Selection runs under ``no_grad`` on fp32 losses, so mixed precision cannot change which
@@ -22,6 +24,7 @@ Semantics (stated on purpose; see docs/ohem.md for how they differ from mmseg/HR
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal, NamedTuple
 
 import torch
@@ -32,6 +35,7 @@ MiningMode = Literal["threshold", "topk", "none"]
 MiningScope = Literal["image", "batch"]
 MINING_MODES: tuple[str, ...] = ("threshold", "topk", "none")
 MINING_SCOPES: tuple[str, ...] = ("image", "batch")
+PixelAmount = int | float | str  # see `parse_amount`: 1000 pixels, 0.2 or "20%" of the valid ones
 
 
 class Selection(NamedTuple):
@@ -71,22 +75,82 @@ class OhemResult(NamedTuple):
     prob_threshold: Tensor
 
 
-def resolve_count(amount: int | float, num_valid: Tensor, *, per_row_images: int = 1) -> Tensor:
-    """Turn a count or a fraction into a per-row pixel count, clamped to ``[0, num_valid]``.
+class KeepAmount(NamedTuple):
+    """A parsed ``min_kept`` / ``top_k``: exactly one of the two is set.
 
-    amount: an ``int`` is a pixel count per image (multiplied by ``per_row_images`` when a row
-        pools several images); a ``float`` in [0, 1] is a fraction of the row's valid pixels
-        (rounded up).
+    pixels: a count of pixels per image. fraction: a share of the valid pixels, in [0, 1].
+    """
+
+    pixels: int | None
+    fraction: float | None
+
+
+_PERCENT = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*")
+_AMOUNT_FORMS = "an integer pixel count (1000), a fraction strictly between 0 and 1 (0.2) or a percentage ('20%')"
+
+
+def parse_amount(amount: PixelAmount, *, name: str = "amount", positive: bool = False) -> KeepAmount:
+    """Read ``min_kept`` / ``top_k`` without the count-or-fraction ambiguity of ``1`` vs ``1.0``.
+
+    An ``int`` >= 0 is a pixel count per image; a ``float`` strictly in (0, 1) is a fraction of
+    the valid pixels; a string such as ``"20%"`` (0% to 100%) is a percentage of them. A float
+    >= 1 or <= 0 is an error that says how to write it. ``positive``: zero pixels is an error.
+    """
+    if isinstance(amount, bool):
+        raise ValueError(f"{name}={amount!r}: write {_AMOUNT_FORMS}")
+    if isinstance(amount, int):
+        if amount < (1 if positive else 0):
+            raise ValueError(f"{name}={amount}: a pixel count must be >= {1 if positive else 0}")
+        return KeepAmount(amount, None)
+    if isinstance(amount, float):
+        if 0.0 < amount < 1.0:
+            return KeepAmount(None, amount)
+        raise ValueError(f"{name}={amount!r}: {_float_advice(amount, positive=positive)}")
+    if isinstance(amount, str):
+        match = _PERCENT.fullmatch(amount)
+        percent = float(match.group(1)) if match else math.nan
+        above_lowest = percent > 0.0 if positive else percent >= 0.0  # False for NaN (no match)
+        if not (above_lowest and percent <= 100.0):
+            lowest = "above 0%" if positive else "from 0%"
+            raise ValueError(
+                f"{name}={amount!r}: a percentage is {lowest} to 100%, like '20%'; or write {_AMOUNT_FORMS}"
+            )
+        return KeepAmount(None, percent / 100.0)
+    raise ValueError(f"{name}={amount!r} ({type(amount).__name__}): write {_AMOUNT_FORMS}")
+
+
+def _float_advice(amount: float, *, positive: bool) -> str:
+    """What to write instead of a float that is not a fraction strictly between 0 and 1."""
+    if amount >= 1.0 and amount.is_integer():
+        return (
+            f"a float is a fraction strictly between 0 and 1, so {amount!r} is ambiguous; write '100%' "
+            f"to keep every valid pixel, or the integer {int(amount)} for a count of pixels"
+        )
+    if amount == 0.0 and not positive:
+        return "a float is a fraction strictly between 0 and 1; write 0 for no pixels"
+    return f"a float is a fraction strictly between 0 and 1; write {_AMOUNT_FORMS}"
+
+
+def _fraction_count(fraction: float, num_valid: Tensor) -> Tensor:
+    """(R,) int64 ``ceil(fraction * num_valid)``: a share of each row's valid pixels, rounded up."""
+    return torch.ceil(num_valid.to(torch.float64) * fraction).to(torch.int64)
+
+
+def resolve_count(
+    amount: PixelAmount, num_valid: Tensor, *, per_row_images: int = 1, name: str = "amount", positive: bool = False
+) -> Tensor:
+    """Turn a pixel count, fraction or percentage (see `parse_amount`) into a per-row pixel count
+    clamped to ``[0, num_valid]``.
+
+    A count is per image (multiplied by ``per_row_images`` when a row pools several images); a
+    fraction or percentage applies to the row's valid pixels, rounded up.
     num_valid: (R,) int64 valid pixels per row. Returns (R,) int64.
     """
-    if isinstance(amount, bool) or amount < 0:
-        raise ValueError(f"pixel count or fraction must be >= 0, got {amount!r}")
-    if isinstance(amount, float):
-        if amount > 1.0:
-            raise ValueError(f"a fraction of valid pixels must be in [0, 1], got {amount!r}")
-        counts = torch.ceil(num_valid.to(torch.float64) * amount).to(torch.int64)
+    pixels, fraction = parse_amount(amount, name=name, positive=positive)
+    if fraction is not None:
+        counts = _fraction_count(fraction, num_valid)
     else:
-        counts = torch.full_like(num_valid, int(amount) * per_row_images)
+        counts = torch.full_like(num_valid, (pixels or 0) * per_row_images)
     return torch.minimum(counts, num_valid)
 
 
@@ -138,8 +202,8 @@ def select_hard_pixels(
     *,
     mode: MiningMode = "threshold",
     thresh: float = 0.7,
-    min_kept: int | float = 0,
-    top_k: int | float = 0.2,
+    min_kept: PixelAmount = 0,
+    top_k: PixelAmount = 0.2,
     scope: MiningScope = "image",
     keep_floor: float = 0.0,
 ) -> Selection:
@@ -150,7 +214,8 @@ def select_hard_pixels(
     mode: ``threshold`` keeps pixels with ``p_true < thresh``; if fewer than ``min_kept``
         qualify, the ``min_kept`` hardest instead. ``topk`` keeps the ``top_k`` hardest.
         ``none`` keeps every valid pixel.
-    min_kept / top_k: ``int`` = pixels per image, ``float`` in [0, 1] = fraction of valid pixels.
+    min_kept / top_k: an ``int`` is pixels per image, a ``float`` in (0, 1) or a string such as
+        ``"20%"`` is a share of the valid pixels (see `parse_amount`); ``top_k`` must be > 0.
     scope: ``image`` selects in each image on its own; ``batch`` pools the batch (counts are
         then multiplied by N, fractions apply to the batch's valid pixels).
     keep_floor: fraction of valid pixels kept at least (the warm-up ramp; 0 disables it).
@@ -161,6 +226,8 @@ def select_hard_pixels(
         raise ValueError(f"unknown mining scope {scope!r}; valid: {', '.join(MINING_SCOPES)}")
     if not 0.0 < thresh <= 1.0:
         raise ValueError(f"thresh is a probability in (0, 1], got {thresh!r}")
+    parse_amount(min_kept, name="min_kept")  # both validated whatever the mode: fail early
+    parse_amount(top_k, name="top_k", positive=True)
     num_images = pixel_loss.shape[0]
     num_rows = num_images if scope == "image" else 1
     with torch.no_grad():
@@ -170,7 +237,7 @@ def select_hard_pixels(
         if mode == "none":
             hard, num_kept = row_valid, num_valid
         else:
-            floor = resolve_count(min(max(float(keep_floor), 0.0), 1.0), num_valid)
+            floor = _fraction_count(min(max(float(keep_floor), 0.0), 1.0), num_valid)
             target = min_kept if mode == "threshold" else top_k
             per_row = num_images if scope == "batch" else 1
             num_keep = torch.maximum(resolve_count(target, num_valid, per_row_images=per_row), floor)
@@ -214,8 +281,9 @@ class OhemCrossEntropy(nn.Module):
     """Cross-entropy over the hard pixels chosen by `select_hard_pixels`.
 
     forward(logits (N, C, H, W), target (N, H, W) int64, step=None) -> OhemResult.
-    Labels outside ``[0, C)`` that are not ``ignore_index`` raise ``ValueError`` naming them
-    (mmseg #1180 turned these into opaque CUDA index errors).
+    ``min_kept`` / ``top_k``: 1000 (pixels per image), 0.2 or ``"20%"`` (of the valid pixels);
+    ``"100%"`` keeps every valid pixel. Labels outside ``[0, C)`` that are not ``ignore_index``
+    raise ``ValueError`` naming them (mmseg #1180 turned these into opaque CUDA index errors).
     """
 
     def __init__(
@@ -223,8 +291,8 @@ class OhemCrossEntropy(nn.Module):
         *,
         mode: MiningMode = "threshold",
         thresh: float = 0.7,
-        min_kept: int | float = 0.1,
-        top_k: int | float = 0.2,
+        min_kept: PixelAmount = 0.1,
+        top_k: PixelAmount = 0.2,
         scope: MiningScope = "image",
         ignore_index: int = 255,
         class_weight: list[float] | Tensor | None = None,

@@ -1,4 +1,5 @@
 import math
+import re
 import subprocess
 import sys
 
@@ -6,7 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segohem.ohem import OhemCrossEntropy, _topk_rows, keep_floor_at, resolve_count, select_hard_pixels
+from segohem.ohem import (
+    KeepAmount,
+    OhemCrossEntropy,
+    _topk_rows,
+    keep_floor_at,
+    parse_amount,
+    resolve_count,
+    select_hard_pixels,
+)
 
 IGNORE = 255
 
@@ -31,8 +40,8 @@ def test_keep_all_equals_cross_entropy():
     expected = F.cross_entropy(logits, target, ignore_index=IGNORE)
     for loss_fn in (
         OhemCrossEntropy(mode="none", ignore_index=IGNORE),
-        OhemCrossEntropy(mode="threshold", thresh=1.0, min_kept=1.0, ignore_index=IGNORE),
-        OhemCrossEntropy(mode="topk", top_k=1.0, ignore_index=IGNORE),
+        OhemCrossEntropy(mode="threshold", thresh=1.0, min_kept="100%", ignore_index=IGNORE),
+        OhemCrossEntropy(mode="topk", top_k="100%", ignore_index=IGNORE),
     ):
         result = loss_fn(logits, target)
         torch.testing.assert_close(result.loss, expected)
@@ -91,7 +100,7 @@ def test_ignored_pixels_never_selected_even_when_hardest():
     valid = target != IGNORE
     for mode in ("threshold", "topk", "none"):
         for scope in ("image", "batch"):
-            sel = select_hard_pixels(pixel_loss, valid, mode=mode, min_kept=1.0, top_k=1.0, scope=scope)
+            sel = select_hard_pixels(pixel_loss, valid, mode=mode, min_kept="100%", top_k="100%", scope=scope)
             assert not sel.hard_mask[~valid].any()
             assert sel.num_kept.tolist() == valid.flatten(1).sum(1).tolist()
 
@@ -200,8 +209,39 @@ def test_bad_labels_and_arguments_raise_clear_errors():
         OhemCrossEntropy(thresh=1.5)
     with pytest.raises(ValueError, match="fraction"):
         resolve_count(1.5, torch.tensor([10]))
+    with pytest.raises(ValueError, match=r"top_k=0: a pixel count must be >= 1"):
+        OhemCrossEntropy(mode="topk", top_k=0)
+    with pytest.raises(ValueError, match=r"min_kept=1\.0: .*ambiguous; write '100%'.*or the integer 1"):
+        OhemCrossEntropy(min_kept=1.0)
     with pytest.raises(ValueError, match="upsample"):
         OhemCrossEntropy()(logits, target[:, :4])
+
+
+def test_amount_is_a_count_a_fraction_or_a_percentage():
+    num_valid = torch.tensor([0, 7, 10, 1000])
+    assert resolve_count(1, num_valid).tolist() == [0, 1, 1, 1]  # one pixel, not all of them
+    assert resolve_count("100%", num_valid).tolist() == [0, 7, 10, 1000]
+    assert resolve_count(0.2, num_valid).tolist() == resolve_count("20%", num_valid).tolist() == [0, 2, 2, 200]
+    assert resolve_count("12.5%", num_valid).tolist() == [0, 1, 2, 125]  # rounded up
+    assert resolve_count(3, num_valid, per_row_images=4).tolist() == [0, 7, 10, 12]
+    assert resolve_count(0, num_valid).tolist() == resolve_count("0%", num_valid).tolist() == [0, 0, 0, 0]
+    assert parse_amount(" 20 % ") == KeepAmount(None, 0.2)
+    for bad, advice in (
+        (1.0, r"ambiguous; write '100%' to keep every valid pixel, or the integer 1"),
+        (1000.0, r"or the integer 1000 for a count"),
+        (2.5, r"fraction strictly between 0 and 1; write an integer pixel count"),
+        (0.0, r"write 0 for no pixels"),
+        (-3, r"must be >= 0"),
+        (True, r"write an integer pixel count"),
+        ("20", r"a percentage is from 0% to 100%, like '20%'"),
+        ("120%", r"from 0% to 100%"),
+        (float("nan"), r"fraction strictly between 0 and 1"),
+    ):
+        with pytest.raises(ValueError, match=rf"^min_kept={re.escape(repr(bad))}: .*{advice}"):
+            parse_amount(bad, name="min_kept")
+    for bad in (0, "0%", 0.0):
+        with pytest.raises(ValueError, match=r"^top_k="):
+            parse_amount(bad, name="top_k", positive=True)
 
 
 def test_core_imports_no_heavy_optional_packages():
