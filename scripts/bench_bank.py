@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from segohem.bank import HardPixelBank
 from segohem.config import load_config
-from segohem.data import build_dataset
+from segohem.data import build_dataset, class_info
 from segohem.engine.loop import evaluate
 from segohem.engine.mine import mine_split
 from segohem.model import build_model
@@ -83,8 +83,8 @@ def main() -> None:
     eval_set = build_dataset(cfg.data, cfg.augment, split="train", train=False, seed=0)
     loader = DataLoader(eval_set, batch_size=args.batch)
     device = torch.device("cpu")
-    eval_s = median_seconds(lambda: evaluate(model=model, loader=loader, device=device, num_classes=7,
-                                             ignore_index=255), 2)  # fmt: skip
+    classes = class_info(cfg.data)
+    eval_s = median_seconds(lambda: evaluate(model, loader, device=device, classes=classes), 2)
     with tempfile.TemporaryDirectory() as tmp:
         mine_s = median_seconds(lambda: mine_split(
             model=model, loader=loader, loss_fn=loss_fn, device=device, bank=HardPixelBank(7),

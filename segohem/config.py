@@ -1,7 +1,7 @@
 """Typed, documented, validated configuration: YAML plus dotted ``key.sub=value`` overrides.
 
-Each section is a dataclass; each field's comment is its documentation. Unknown keys and
-wrong types are errors that name the dotted path and suggest the closest valid key.
+Each field carries its documentation and limits (`setting`); the loader checks types, choices
+(``Literal``) and limits per dotted key; `validate` holds the checks that span several fields.
 """
 
 from __future__ import annotations
@@ -9,134 +9,323 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import operator
+import re
 import types
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+DataKind = Literal["synthetic", "folder", "camvid"]
+MiningMode = Literal["threshold", "topk", "none"]
+MiningScope = Literal["image", "batch"]
+RefineSampler = Literal["none", "image", "class"]
+OptimizerName = Literal["adamw", "sgd"]
+AmpMode = Literal["none", "bf16", "fp16"]
+WandbMode = Literal["auto", "online", "offline", "disabled"]
 
 
 class ConfigError(ValueError):
     """A configuration value, key or file is wrong; the message says where and what would work."""
 
 
+Check = Callable[[Any], "str | None"]  # returns what is wrong and what would work, or None
+
+
+def doc(
+    text: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    lengths: tuple[int, ...] = (),
+    check: Check | None = None,
+) -> dict[str, Any]:
+    """A field's metadata: its one-line documentation and the limits the loader enforces.
+
+    ge / gt / le / lt: bounds of a number, or of every number in a (nested) list.
+    lengths: the list lengths allowed. check: a test of the whole value (see `Check`).
+    """
+    return {"doc": text, "ge": ge, "gt": gt, "le": le, "lt": lt, "lengths": lengths, "check": check}
+
+
+_PERCENT = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*")
+
+
+def _pixel_amount(*, positive: bool) -> Check:
+    """``min_kept`` / ``top_k``: what `segohem.ohem.parse_amount` accepts (tests keep the two equal)."""
+    least = 1 if positive else 0
+
+    def problem(value: int | float | str) -> str | None:
+        if isinstance(value, int):
+            ok = value >= least
+        elif isinstance(value, float):
+            ok = 0.0 < value < 1.0
+        else:
+            match = _PERCENT.fullmatch(value)
+            percent = float(match.group(1)) if match else -1.0
+            ok = (percent > 0.0 if positive else percent >= 0.0) and percent <= 100.0
+        if ok:
+            return None
+        if isinstance(value, float) and value >= 1.0 and value.is_integer():
+            return f"is ambiguous; write '100%' to keep every valid pixel, or {int(value)} for a count of pixels"
+        return (
+            f"is not a pixel amount; write an integer count >= {least} (1000), a fraction strictly "
+            f"between 0 and 1 (0.2) or a percentage ('20%')"
+        )
+
+    return problem
+
+
+def _device(value: str) -> str | None:
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        return None
+    return "is not a device; use auto, cpu, cuda or cuda:N (e.g. cuda:1)"
+
+
+def _low_high(value: list[float]) -> str | None:
+    return None if value[0] <= value[1] else "has low > high; use [low, high] with low <= high"
+
+
+def _rgb_triples(value: list[list[int]]) -> str | None:
+    ok = all(len(rgb) == 3 and all(0 <= c <= 255 for c in rgb) for rgb in value)
+    return None if ok else "needs one [R, G, B] per class, each in 0..255"
+
+
 @dataclass
 class RunConfig:
-    name: str = "synthetic-ohem"  # run folder name under output_dir
-    output_dir: str = "runs"  # parent folder of run folders
-    seed: int = 0  # seeds model init, batch order and augmentation
-    deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    """Run identity, seeding and device."""
+
+    name: str = field(default="synthetic-ohem", metadata=doc("run folder name under output_dir"))
+    output_dir: str = field(default="runs", metadata=doc("parent folder of run folders"))
+    seed: int = field(default=0, metadata=doc("seeds model init, batch order and augmentation", ge=0))
+    deterministic: bool = field(default=False, metadata=doc("torch.use_deterministic_algorithms (slower on GPU)"))
+    device: str = field(
+        default="auto", metadata=doc("auto | cpu | cuda | cuda:N; auto: cuda when available", check=_device)
+    )
 
 
 @dataclass
 class DataConfig:
-    kind: str = "synthetic"  # synthetic | folder | camvid
-    root: str = ""  # dataset root for folder / camvid
-    train_images: str = "train"  # folder kind: image folder of the train split, relative to root
-    train_masks: str = "trainannot"  # folder kind: label PNG folder of the train split
-    val_images: str = "val"
-    val_masks: str = "valannot"
-    class_names: list[str] = field(default_factory=list)  # empty: preset's names
-    palette: list[list[int]] = field(default_factory=list)  # RGB per class; empty: preset's
-    ignore_index: int = 255  # label id that is never trained on nor scored
-    num_train: int = 320  # synthetic: images in the train split
-    num_val: int = 64  # synthetic: images in the val split
-    image_size: list[int] = field(default_factory=lambda: [96, 128])  # synthetic: H, W
-    resize: list[int] = field(default_factory=list)  # [H, W] to resize every sample to; empty: keep
-    batch_size: int = 8
-    val_batch_size: int = 8
-    num_workers: int = 0
+    """Dataset, splits, classes and batching."""
+
+    kind: DataKind = field(default="synthetic", metadata=doc("synthetic | folder | camvid"))
+    root: str = field(default="", metadata=doc("dataset root for folder / camvid"))
+    train_images: str = field(
+        default="train", metadata=doc("folder / camvid: image folder of the train split, relative to root")
+    )
+    train_masks: str = field(
+        default="trainannot", metadata=doc("folder / camvid: label PNG folder of the train split, relative to root")
+    )
+    val_images: str = field(
+        default="val", metadata=doc("folder / camvid: image folder of the val split, relative to root")
+    )
+    val_masks: str = field(
+        default="valannot", metadata=doc("folder / camvid: label PNG folder of the val split, relative to root")
+    )
+    test_images: str = field(
+        default="test", metadata=doc("folder / camvid: image folder of the test split, relative to root")
+    )
+    test_masks: str = field(
+        default="testannot", metadata=doc("folder / camvid: label PNG folder of the test split, relative to root")
+    )
+    class_names: list[str] = field(
+        default_factory=list, metadata=doc("class names in label-id order; empty: the preset's")
+    )
+    palette: list[list[int]] = field(
+        default_factory=list,
+        metadata=doc("RGB per class for masks and overlays; empty: the preset's", check=_rgb_triples),
+    )
+    ignore_index: int = field(default=255, metadata=doc("label id that is never trained on nor scored"))
+    num_train: int = field(default=320, metadata=doc("synthetic: images in the train split", ge=1))
+    num_val: int = field(default=64, metadata=doc("synthetic: images in the val split (and in the test split)", ge=1))
+    image_size: list[int] = field(
+        default_factory=lambda: [96, 128], metadata=doc("synthetic: [H, W] of every image", lengths=(2,), ge=1)
+    )
+    resize: list[int] = field(
+        default_factory=list, metadata=doc("[H, W] to resize every sample to; empty: keep", lengths=(0, 2), ge=1)
+    )
+    batch_size: int = field(default=8, metadata=doc("training images per batch (per process)", ge=1))
+    val_batch_size: int = field(default=8, metadata=doc("evaluation images per batch (per process)", ge=1))
+    num_workers: int = field(default=0, metadata=doc("DataLoader worker processes; 0: load in the main process", ge=0))
 
 
 @dataclass
 class AugmentConfig:
-    hflip: float = 0.5  # probability of a horizontal flip
-    scale: list[float] = field(default_factory=lambda: [1.0, 1.0])  # random scale range
-    crop: list[int] = field(default_factory=list)  # [H, W] random crop (padded with ignore); empty: none
-    color_jitter: float = 0.0  # probability of brightness/contrast jitter
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # RGB in [0,1], per channel
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    pad_divisor: int = 32  # eval images are padded to a multiple of this (with the ignore id)
+    """Training augmentation and input normalization."""
+
+    hflip: float = field(default=0.5, metadata=doc("probability of a horizontal flip", ge=0.0, le=1.0))
+    scale: list[float] = field(
+        default_factory=lambda: [1.0, 1.0],
+        metadata=doc("[low, high] random scale range", lengths=(2,), gt=0.0, check=_low_high),
+    )
+    crop: list[int] = field(
+        default_factory=list, metadata=doc("[H, W] random crop (padded with ignore); empty: none", lengths=(0, 2), ge=1)
+    )
+    color_jitter: float = field(default=0.0, metadata=doc("probability of brightness/contrast jitter", ge=0.0, le=1.0))
+    mean: list[float] = field(
+        default_factory=lambda: [0.5, 0.5, 0.5], metadata=doc("RGB mean in [0, 1] subtracted per channel", lengths=(3,))
+    )
+    std: list[float] = field(
+        default_factory=lambda: [0.5, 0.5, 0.5],
+        metadata=doc("RGB std in [0, 1] divided per channel", lengths=(3,), gt=0.0),
+    )
+    pad_divisor: int = field(
+        default=32, metadata=doc("eval images are padded to a multiple of this (with the ignore id)", ge=1)
+    )
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "Unet"  # any segmentation_models_pytorch architecture
-    encoder: str = "resnet18"  # any smp encoder name
-    encoder_weights: str | None = None  # None | smp weight set name | local state-dict path
-    encoder_depth: int = 5
-    refine_head: int = 0  # width of a small logit-correcting refinement head on top of the model; 0: none
+    """Segmentation network (segmentation_models_pytorch)."""
+
+    arch: str = field(default="Unet", metadata=doc("any segmentation_models_pytorch architecture"))
+    encoder: str = field(default="resnet18", metadata=doc("any smp encoder name"))
+    encoder_weights: str | None = field(
+        default=None, metadata=doc("null | smp weight set name | local state-dict path")
+    )
+    encoder_depth: int = field(default=5, metadata=doc("encoder stages used by the decoder", ge=1, le=5))
+    refine_head: int = field(
+        default=0, metadata=doc("width of a small logit-correcting head on top of the model; 0: none", ge=0)
+    )
 
 
 @dataclass
 class OhemConfig:
-    mode: str = "threshold"  # threshold | topk | none (plain cross-entropy)
-    thresh: float = 0.7  # threshold mode: keep pixels whose true-class probability is below
-    min_kept: int | float = 0.1  # threshold mode: int = pixels per image, float = fraction of valid
-    top_k: int | float = 0.2  # topk mode: int = pixels per image, float = fraction of valid
-    scope: str = "image"  # image (per-image selection) | batch (mmseg/HRNet behaviour)
-    warmup_steps: int = 0  # ramp the kept fraction from 100% to the target over N steps
-    class_weight: list[float] = field(default_factory=list)  # per-class loss weights; empty: none
+    """Pixel-level online hard example mining (see docs/ohem.md)."""
+
+    mode: MiningMode = field(default="threshold", metadata=doc("threshold | topk | none (plain cross-entropy)"))
+    thresh: float = field(
+        default=0.7, metadata=doc("threshold mode: keep pixels whose true-class probability is below", gt=0.0, le=1.0)
+    )
+    min_kept: int | float | str = field(
+        default=0.1,
+        metadata=doc(
+            "threshold mode: at least this many per image: 1000 pixels, 0.1 or '10%'",
+            check=_pixel_amount(positive=False),
+        ),
+    )
+    top_k: int | float | str = field(
+        default=0.2,
+        metadata=doc("topk mode: the hardest per image: 1000 pixels, 0.2 or '20%'", check=_pixel_amount(positive=True)),
+    )
+    scope: MiningScope = field(
+        default="image", metadata=doc("image (per-image selection) | batch (mmseg/HRNet behaviour)")
+    )
+    warmup_steps: int = field(default=0, metadata=doc("ramp the kept share from 100% to the target over N steps", ge=0))
+    class_weight: list[float] = field(default_factory=list, metadata=doc("per-class loss weights; empty: none", ge=0.0))
 
 
 @dataclass
 class BankConfig:
-    enabled: bool = True  # keep the hard-pixel dictionary (hard_pixels.sqlite in the run folder)
-    cell_size: int = 8  # spatial hardness maps use cells of this many original-image pixels
-    momentum: float = 0.5  # weight of the past in per-image EMAs and per-cell decayed sums
+    """The hard-pixel dictionary kept across steps."""
+
+    enabled: bool = field(
+        default=True, metadata=doc("keep the hard-pixel dictionary (hard_pixels.sqlite in the run folder)")
+    )
+    cell_size: int = field(
+        default=8, metadata=doc("spatial hardness maps use cells of this many original-image pixels", ge=1)
+    )
+    momentum: float = field(
+        default=0.5, metadata=doc("weight of the past in per-image EMAs and per-cell decayed sums", ge=0.0, lt=1.0)
+    )
 
 
 @dataclass
 class RefineConfig:
-    init: str = ""  # checkpoint to continue from (e.g. runs/x/epoch015.pt); empty: no refinement stage
-    bank: str = ""  # hard-pixel store driving the stage (e.g. from `segohem mine`); empty: the checkpoint's
-    sampler: str = "none"  # none | image (EMA kept fraction x hard loss) | class (equal mass per class)
-    sampler_floor: float = 0.3  # no image is drawn less than this fraction of the mean rate
-    hard_crop_prob: float = 0.0  # probability a sample is a crop centred on a hard region
-    crop_scale: float = 1.0  # hard crops come from the image resized by this (2.0 on half-res = full-res)
-    crop_sharpness: float = 2.0  # crop centres are drawn in proportion to hardness ** this
-    pixel_weight: float = 0.0  # alpha: kept pixels weigh 1 + alpha * their cell's stored hardness
-    class_weight_power: float = 0.0  # gamma: class c weighs (its hard fraction in the bank) ** gamma, mean 1
+    """A refinement stage driven by a hard-pixel dictionary."""
+
+    init: str = field(
+        default="", metadata=doc("checkpoint to continue from (e.g. runs/x/epoch015.pt); empty: no refinement stage")
+    )
+    bank: str = field(
+        default="",
+        metadata=doc("hard-pixel store driving the stage (e.g. from `segohem mine`); empty: the checkpoint's"),
+    )
+    sampler: RefineSampler = field(
+        default="none", metadata=doc("none | image (EMA kept fraction x hard loss) | class (equal mass per class)")
+    )
+    sampler_floor: float = field(
+        default=0.3, metadata=doc("no image is drawn less than this fraction of the mean rate", ge=0.0, le=1.0)
+    )
+    hard_crop_prob: float = field(
+        default=0.0, metadata=doc("probability a sample is a crop centred on a hard region", ge=0.0, le=1.0)
+    )
+    crop_scale: float = field(
+        default=1.0, metadata=doc("hard crops come from the image resized by this (2.0: half-res to full)", gt=0.0)
+    )
+    crop_sharpness: float = field(
+        default=2.0, metadata=doc("crop centres are drawn in proportion to hardness ** this", ge=0.0)
+    )
+    pixel_weight: float = field(
+        default=0.0, metadata=doc("alpha: kept pixels weigh 1 + alpha * their cell's stored hardness", ge=0.0)
+    )
+    class_weight_power: float = field(
+        default=0.0, metadata=doc("gamma: class c weighs (its hard fraction in the bank) ** gamma, mean 1", ge=0.0)
+    )
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "auto"  # auto (online with credentials, else offline) | online | offline | disabled; WANDB_MODE wins
-    project: str = "segohem"
-    entity: str = ""
-    name: str = ""  # empty: run.name
-    group: str = ""
-    tags: list[str] = field(default_factory=list)
-    log_checkpoints: bool = True  # checkpoints and the dictionary as artifacts (aliases latest / best)
+    """Weights & Biases logging."""
+
+    mode: WandbMode = field(
+        default="auto", metadata=doc("auto (online with credentials, else offline) | online | offline | disabled")
+    )
+    project: str = field(default="segohem", metadata=doc("W&B project"))
+    entity: str = field(default="", metadata=doc("W&B entity (user or team); empty: the default one"))
+    name: str = field(default="", metadata=doc("W&B run name; empty: run.name"))
+    group: str = field(default="", metadata=doc("W&B group; empty: none"))
+    tags: list[str] = field(default_factory=list, metadata=doc("W&B tags"))
+    log_checkpoints: bool = field(
+        default=True, metadata=doc("checkpoints and the dictionary as artifacts (aliases latest / best)")
+    )
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9  # sgd only
-    warmup_iters: int = 0  # linear LR warm-up, in optimizer steps
-    poly_power: float = 0.9  # poly decay exponent over the whole run
-    min_lr: float = 0.0
-    accumulate: int = 1  # gradient accumulation: batches per optimizer step
-    clip_grad_norm: float = 0.0  # 0 disables clipping
+    """Optimizer and learning-rate schedule."""
+
+    name: OptimizerName = field(default="adamw", metadata=doc("adamw | sgd"))
+    lr: float = field(default=1e-3, metadata=doc("peak learning rate", gt=0.0))
+    weight_decay: float = field(default=1e-4, metadata=doc("decoupled (adamw) or L2 (sgd) weight decay", ge=0.0))
+    momentum: float = field(default=0.9, metadata=doc("sgd only", ge=0.0, lt=1.0))
+    warmup_iters: int = field(default=0, metadata=doc("linear LR warm-up, in optimizer steps", ge=0))
+    poly_power: float = field(default=0.9, metadata=doc("poly decay exponent over the whole run", ge=0.0))
+    min_lr: float = field(default=0.0, metadata=doc("learning rate at the end of the poly decay (<= lr)", ge=0.0))
+    accumulate: int = field(default=1, metadata=doc("gradient accumulation: batches per optimizer step", ge=1))
+    clip_grad_norm: float = field(
+        default=0.0, metadata=doc("clip the gradient norm to this; 0 disables clipping", ge=0.0)
+    )
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 8
-    max_steps: int = 0  # stop after this many optimizer steps in total; 0: no limit
-    amp: str = "none"  # none | bf16 | fp16 (CUDA only; ignored with a warning on CPU)
-    eval_every: int = 1  # epochs between evaluations
-    log_every: int = 10  # steps between metric log lines
-    progress: bool = True  # show progress bars
-    snapshot_epochs: list[int] = field(default_factory=list)  # also keep epochNNN.pt after these epochs
-    num_panels: int = 4  # fixed, seeded validation images drawn at each evaluation (0: none)
-    num_bank_rows: int = 16  # hardest training images shown from the dictionary at each evaluation
+    """Training length, precision, evaluation and logging cadence."""
+
+    epochs: int = field(default=8, metadata=doc("passes over the train split", ge=1))
+    max_steps: int = field(default=0, metadata=doc("stop after this many optimizer steps in total; 0: no limit", ge=0))
+    amp: AmpMode = field(default="none", metadata=doc("none | bf16 | fp16 (CUDA only; ignored with a warning on CPU)"))
+    eval_every: int = field(default=1, metadata=doc("epochs between evaluations", ge=1))
+    log_every: int = field(default=10, metadata=doc("steps between metric log lines", ge=1))
+    progress: bool = field(default=True, metadata=doc("show progress bars"))
+    snapshot_epochs: list[int] = field(
+        default_factory=list, metadata=doc("also keep epochNNN.pt after these epochs", ge=1)
+    )
+    num_panels: int = field(
+        default=4, metadata=doc("fixed, seeded validation images drawn at each evaluation (0: none)", ge=0)
+    )
+    num_bank_rows: int = field(
+        default=16, metadata=doc("hardest training images shown from the dictionary at each evaluation", ge=0)
+    )
+    max_nonfinite_steps: int = field(
+        default=5, metadata=doc("stop (exit status 3) after this many non-finite steps in a row; each is skipped", ge=1)
+    )
 
 
 @dataclass
@@ -153,15 +342,23 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.kind": ("synthetic", "folder", "camvid"),
-    "ohem.mode": ("threshold", "topk", "none"),
-    "ohem.scope": ("image", "batch"),
-    "optim.name": ("adamw", "sgd"),
-    "refine.sampler": ("none", "image", "class"),
-    "train.amp": ("none", "bf16", "fp16"),
-    "wandb.mode": ("auto", "online", "offline", "disabled"),
-}
+class _Loader(yaml.SafeLoader):
+    """``yaml.safe_load`` that also reads YAML 1.2 floats: ``1e-4`` is a float, not a string."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """``yaml.safe_dump`` that quotes strings `_Loader` would read as floats (a run named ``1e3``)."""
+
+
+_YAML12_FLOAT = re.compile(r"^[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)[eE][-+]?\d+$")
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in typing.get_args(annotation))
+    return "null" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
 
 
 def _check_type(value: Any, annotation: Any, path: str) -> Any:
@@ -173,7 +370,12 @@ def _check_type(value: Any, annotation: Any, path: str) -> Any:
                 return _check_type(value, option, path)
             except ConfigError:
                 continue
-        raise ConfigError(f"{path}: {value!r} is not a {annotation}")
+        raise ConfigError(f"{path}: expected {_type_name(annotation)}, got {value!r} ({type(value).__name__})")
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if isinstance(value, str) and value in choices:
+            return value
+        raise ConfigError(f"{path}: {value!r} is not one of {', '.join(choices)}")
     if annotation is type(None):
         if value is None:
             return None
@@ -190,25 +392,53 @@ def _check_type(value: Any, annotation: Any, path: str) -> Any:
     raise ConfigError(f"{path}: expected {annotation.__name__}, got {value!r} ({type(value).__name__})")
 
 
+def _numbers(value: Any, path: str) -> Iterator[tuple[str, float]]:
+    """(dotted path, number) for a number or every number inside nested lists."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _numbers(item, f"{path}[{i}]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield path, value
+
+
+def _check_limits(value: Any, meta: typing.Mapping[str, Any], path: str) -> None:
+    """Raise ConfigError naming ``path``, the value and what would work if a limit in ``meta`` fails."""
+    doc, lengths = meta["doc"], meta["lengths"]
+    if lengths and len(value) not in lengths:
+        allowed = " or ".join(str(n) for n in lengths)
+        raise ConfigError(f"{path}: {value!r} has {len(value)} values; use {allowed} ({doc})")
+    bounds = [(meta["ge"], ">=", operator.ge), (meta["gt"], ">", operator.gt)]
+    bounds += [(meta["le"], "<=", operator.le), (meta["lt"], "<", operator.lt)]
+    rule = " and ".join(f"{op} {limit}" for limit, op, _ in bounds if limit is not None)
+    for where, number in _numbers(value, path):
+        if not all(holds(number, limit) for limit, _, holds in bounds if limit is not None):  # False for NaN
+            raise ConfigError(f"{where}: {number!r} is out of range; use a value {rule} ({doc})")
+    problem = meta["check"](value) if meta["check"] else None
+    if problem:
+        raise ConfigError(f"{path}: {value!r} {problem} ({doc})")
+
+
 def _build(cls: type, values: dict[str, Any], path: str) -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         dotted = f"{path}.{key}" if path else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean '{path + '.' if path else ''}{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config key '{dotted}'{hint} (valid: {', '.join(names)})")
+            raise ConfigError(f"unknown config key '{dotted}'{hint} (valid: {', '.join(fields)})")
         if dataclasses.is_dataclass(hints[key]):
             if not isinstance(value, dict):
                 raise ConfigError(f"{dotted}: expected a mapping of its keys, got {value!r}")
             kwargs[key] = _build(hints[key], value, dotted)
         else:
             kwargs[key] = _check_type(value, hints[key], dotted)
-            if dotted in CHOICES and kwargs[key] not in CHOICES[dotted]:
-                raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(CHOICES[dotted])}")
-    return cls(**kwargs)
+    section = cls(**kwargs)
+    for name, spec in fields.items():
+        if "doc" in spec.metadata:
+            _check_limits(getattr(section, name), spec.metadata, f"{path}.{name}")
+    return section
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -223,11 +453,15 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``'optim.lr=0.01'`` -> ``('optim.lr', 0.01)``; the value is parsed as YAML."""
+    """``'optim.lr=1e-4'`` -> ``('optim.lr', 0.0001)``; the value is parsed as YAML (1.2 floats)."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {text!r} is not of the form key.sub=value")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""  # a SafeLoader
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML: {err}") from err
+    return key.strip(), value
 
 
 def load_config(
@@ -242,7 +476,7 @@ def load_config(
         except OSError as err:
             raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
         try:
-            tree = yaml.safe_load(text) or {}
+            tree = yaml.load(text, Loader=_Loader) or {}  # a SafeLoader
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
         if not isinstance(tree, dict):
@@ -259,35 +493,36 @@ def config_to_dict(config: Config) -> dict[str, Any]:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    Path(path).write_text(yaml.dump(config_to_dict(config), Dumper=_Dumper, sort_keys=False))
+
+
+def _flow_yaml(value: Any) -> str:
+    """``value`` as one line of flow-style YAML (wrapped in a list so scalars need no end marker)."""
+    text = yaml.dump([value], Dumper=_Dumper, default_flow_style=True, width=1 << 30, allow_unicode=True)
+    return text.strip()[1:-1]
+
+
+def describe_config(config: Config) -> str:
+    """The resolved config as YAML with each field's documentation as a comment beside it.
+
+    What ``segohem train --print-config`` prints; ``load_config`` of it gives back ``config``.
+    """
+    lines: list[str] = []
+    for section_field in dataclasses.fields(config):
+        section = getattr(config, section_field.name)
+        lines.append(f"{section_field.name}:  # {type(section).__doc__}")
+        for spec in dataclasses.fields(section):
+            lines.append(f"  {spec.name}: {_flow_yaml(getattr(section, spec.name))}  # {spec.metadata['doc']}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def validate(config: Config) -> None:
-    """Cross-field checks that a type alone cannot express."""
-    ohem, data, optim, augment = config.ohem, config.data, config.optim, config.augment
-    if not 0.0 < ohem.thresh <= 1.0:
-        raise ConfigError(f"ohem.thresh: {ohem.thresh} is a probability in (0, 1]")
-    for key, amount in (("ohem.min_kept", ohem.min_kept), ("ohem.top_k", ohem.top_k)):
-        if amount < 0 or (isinstance(amount, float) and amount > 1):
-            raise ConfigError(f"{key}: {amount} must be a count >= 0 or a fraction in [0, 1]")
-    for key, size in (
-        ("data.image_size", data.image_size),
-        ("data.resize", data.resize),
-        ("augment.crop", augment.crop),
-    ):
-        if size and (len(size) != 2 or min(size) <= 0):
-            raise ConfigError(f"{key}: {size} must be [height, width] with positive values")
-    if len(augment.scale) != 2 or not 0 < augment.scale[0] <= augment.scale[1]:
-        raise ConfigError(f"augment.scale: {augment.scale} must be [low, high] with 0 < low <= high")
-    if len(augment.mean) != 3 or len(augment.std) != 3 or min(augment.std) <= 0:
-        raise ConfigError("augment.mean and augment.std need 3 values each, std > 0")
+    """Checks that span several fields (one field's limits sit in its `setting`)."""
+    data, optim = config.data, config.optim
     if data.kind in ("folder", "camvid") and not data.root:
-        raise ConfigError(f"data.root is required for data.kind={data.kind}")
-    if data.batch_size < 1 or data.val_batch_size < 1 or optim.accumulate < 1:
-        raise ConfigError("data.batch_size, data.val_batch_size and optim.accumulate must be >= 1")
-    if optim.lr <= 0:
-        raise ConfigError(f"optim.lr: {optim.lr} must be > 0")
-    if config.bank.cell_size < 1 or not 0.0 <= config.bank.momentum < 1.0:
-        raise ConfigError("bank.cell_size must be >= 1 and bank.momentum in [0, 1)")
-    if config.train.epochs < 1:
-        raise ConfigError(f"train.epochs: {config.train.epochs} must be >= 1")
+        raise ConfigError(f"data.root is required for data.kind={data.kind}; set data.root=/path/to/dataset")
+    if optim.min_lr > optim.lr:
+        raise ConfigError(
+            f"optim.min_lr: {optim.min_lr} is above optim.lr={optim.lr}; use a min_lr <= lr (the end of the decay)"
+        )

@@ -40,7 +40,7 @@ def test_two_step_end_to_end_train_writes_the_run_folder(tmp_path):
     epoch = read_jsonl(run_dir / "epochs.jsonl")[0]
     assert 0 <= epoch["val/miou"] <= 1 and "val/iou/pole" in epoch
     checkpoint = load_checkpoint(run_dir / "last.pt")
-    assert checkpoint["train_state"]["step"] == 2 and checkpoint["config"]["run"]["name"] == "tiny"
+    assert checkpoint["progress"]["step"] == 2 and checkpoint["config"]["run"]["name"] == "tiny"
     for key in ("model", "optimizer", "scheduler", "scaler", "rng"):
         assert key in checkpoint
     with pytest.raises(ValueError, match="already holds a run"):
@@ -63,7 +63,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         run_train(interrupted, resume_from=None)
     monkeypatch.setattr(SyntheticDataset, "set_epoch", original)
-    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["train_state"]["step"] == 2
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["progress"]["step"] == 2
     state = run_train(interrupted, resume_from=tmp_path / "resumed")
     assert state.step == 6 and state.epoch == 3
 

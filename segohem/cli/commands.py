@@ -11,18 +11,18 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from segohem.bank import HardPixelBank
 from segohem.bank_report import class_hardness, confused_pairs, format_rows, hardest_images
 from segohem.bank_store import load_bank, save_bank
-from segohem.cli.build import build_loss, load_model_from_checkpoint
-from segohem.data import DatasetError, build_dataset, class_info
-from segohem.data.datasets import IMAGE_SUFFIXES
+from segohem.cli.build import build_eval_loader, eval_dataset
+from segohem.data import IMAGE_SUFFIXES, DatasetError, display_path
+from segohem.data.images import ImageListDataset
 from segohem.data.transforms import build_eval_transform
 from segohem.engine.loop import BANK_FILE, autocast_context, evaluate
 from segohem.engine.mine import mine_split
+from segohem.engine.run import TrainingRun
 from segohem.gallery import choose_ids, write_gallery
 from segohem.metrics import format_table
 from segohem.plots import save_run_plots
@@ -30,72 +30,113 @@ from segohem.visualize import colorize_mask
 
 
 def run_eval(checkpoint: Path, *, split: str, overrides: list[str], output: Path | None) -> dict[str, Any]:
-    cfg, model, device, _ = load_model_from_checkpoint(checkpoint, overrides)
-    info = class_info(cfg.data)
-    dataset = build_dataset(cfg.data, cfg.augment, split=split, train=False, seed=cfg.run.seed)
-    loader = DataLoader(dataset, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers)
+    run, _ = TrainingRun.for_inference(checkpoint, overrides)
+    loader = build_eval_loader(run.config, split=split)
     started = time.perf_counter()
-    metrics = evaluate(
-        model=model, loader=loader, device=device, num_classes=info.num_classes,
-        ignore_index=info.ignore_index, amp=cfg.train.amp, progress=cfg.train.progress,
-    )  # fmt: skip
+    metrics = evaluate(run.model, loader, device=run.device, classes=run.classes, amp=run.config.train.amp,
+                       progress=run.config.train.progress)  # fmt: skip
     seconds = time.perf_counter() - started
-    print(f"{checkpoint} on {split}: {len(dataset)} images in {seconds:.1f}s ({len(dataset) / seconds:.1f} images/s)")
-    print(format_table(metrics, info.names))
+    count = len(eval_dataset(loader))
+    print(f"{checkpoint} on {split}: {count} images in {seconds:.1f}s ({count / seconds:.1f} images/s)")
+    print(format_table(metrics, run.classes.names))
     if output is not None:
-        output.write_text(json.dumps({"class_names": list(info.names), **metrics}, indent=2))
+        output.write_text(json.dumps({"class_names": list(run.classes.names), **metrics}, indent=2))
     return metrics
 
 
+def prediction_files(paths: list[Path], output_dir: Path) -> list[tuple[Path, Path]]:
+    """(label PNG, colour PNG) per input; refuses names that would collide or overwrite an input."""
+    outputs = [(output_dir / f"{p.stem}.png", output_dir / f"{p.stem}_color.png") for p in paths]
+    writers: dict[Path, Path] = {}
+    inputs = {p.resolve() for p in paths}
+    for path, pair in zip(paths, outputs, strict=True):
+        for target in pair:
+            if target.resolve() in inputs:
+                raise DatasetError(f"predicting {path} would overwrite the input {target}; choose another --output")
+            if target in writers:
+                raise DatasetError(
+                    f"{writers[target].name} and {path.name} would both be written as {target.name}; "
+                    f"rename one of them or predict them into separate --output folders"
+                )
+            writers[target] = path
+    return outputs
+
+
 def run_predict(checkpoint: Path, *, input_dir: Path, output_dir: Path, overrides: list[str]) -> int:
-    """Write ``<stem>.png`` (class ids) and ``<stem>_color.png`` for every image in ``input_dir``."""
-    cfg, model, device, _ = load_model_from_checkpoint(checkpoint, overrides)
-    info = class_info(cfg.data)
-    transform = build_eval_transform(cfg.augment, ignore_index=info.ignore_index)
+    """Write ``<stem>.png`` (class ids) and ``<stem>_color.png`` for every image in ``input_dir``.
+
+    Images go through the evaluation preprocessing of the checkpoint's config (the one path
+    datasets use); predictions are resized back to each image's own size.
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DatasetError(f"--output {output_dir} is a file; give a folder for the predictions")
     paths = sorted(p for p in input_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if input_dir.is_dir() else []
     if not paths:
         raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {input_dir}")
+    outputs = prediction_files(paths, output_dir)
+    run, _ = TrainingRun.for_inference(checkpoint, overrides)
+    cfg, info = run.config, run.classes
+    dataset = ImageListDataset(
+        paths, num_classes=info.num_classes, ignore_index=info.ignore_index, seed=cfg.run.seed,
+        transform=build_eval_transform(cfg.augment, ignore_index=info.ignore_index),
+        resize=tuple(cfg.data.resize) if cfg.data.resize else None,  # type: ignore[arg-type]
+    )  # fmt: skip
     output_dir.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
-    for path in tqdm(paths, desc="predict", disable=not cfg.train.progress):
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if bgr is None:  # keep going: predictions already written stay valid
-            failed.append(str(path))
-            tqdm.write(f"skipping {path}: cannot read it as an image")
+    for index in tqdm(range(len(dataset)), desc="predict", disable=not cfg.train.progress):
+        try:
+            sample = dataset[index]
+        except DatasetError as err:  # keep going: predictions already written stay valid
+            failed.append(display_path(paths[index]))
+            tqdm.write(f"skipping: {err}")
             continue
-        height, width = bgr.shape[:2]
-        if cfg.data.resize:
-            bgr = cv2.resize(bgr, (cfg.data.resize[1], cfg.data.resize[0]), interpolation=cv2.INTER_AREA)
-        image = transform(image=cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))["image"]
-        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].to(device)
-        with torch.no_grad(), autocast_context(device, cfg.train.amp):
-            logits = model(tensor)[:, :, : bgr.shape[0], : bgr.shape[1]]
-        labels = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
-        labels = cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST)
-        cv2.imwrite(str(output_dir / f"{path.stem}.png"), labels)
-        color = colorize_mask(labels, info.palette)
-        cv2.imwrite(str(output_dir / f"{path.stem}_color.png"), cv2.cvtColor(color, cv2.COLOR_RGB2BGR))
+        labels = _predict_labels(run, sample, size=dataset.resize)
+        label_path, color_path = outputs[index]
+        write_png(label_path, labels)
+        write_png(color_path, cv2.cvtColor(colorize_mask(labels, info.palette), cv2.COLOR_RGB2BGR))
     print(f"wrote {len(paths) - len(failed)} prediction(s) to {output_dir}")
     if failed:
         print(f"could not read {len(failed)} file(s): {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
 
 
+@torch.no_grad()
+def _predict_labels(run: TrainingRun, sample: dict[str, Any], *, size: tuple[int, int] | None) -> np.ndarray:
+    """(H0, W0) class ids at the image's original size for one preprocessed sample.
+
+    ``size``: the (H, W) the image was resized to (``data.resize``), None when kept; the
+    padding added after it is cropped off before resizing back.
+    """
+    source_height, source_width = sample["source_hw"].tolist()
+    height, width = size or (source_height, source_width)
+    with autocast_context(run.device, run.config.train.amp):
+        logits = run.model(sample["image"][None].to(run.device))[:, :, :height, :width]
+    labels = logits.argmax(1)[0].cpu().numpy().astype(np.uint8 if run.classes.num_classes <= 256 else np.uint16)
+    return cv2.resize(labels, (source_width, source_height), interpolation=cv2.INTER_NEAREST)
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Encode in memory and write bytes: works for any file name, unlike ``cv2.imwrite``."""
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"cannot encode {path} as PNG")
+    encoded.tofile(path)
+
+
 def run_mine(checkpoint: Path, *, split: str, output: Path | None, overrides: list[str]) -> Path:
     """Mine a split with a checkpoint into a hard-pixel store; returns the store's path."""
-    cfg, model, device, state = load_model_from_checkpoint(checkpoint, overrides)
-    info = class_info(cfg.data)
-    dataset = build_dataset(cfg.data, cfg.augment, split=split, train=False, seed=cfg.run.seed)
-    loader = DataLoader(dataset, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers)
+    run, meta = TrainingRun.for_inference(checkpoint, overrides)
+    cfg, info = run.config, run.classes
+    loader = build_eval_loader(cfg, split=split)
     output = output or checkpoint.parent / f"mined_{split}_{checkpoint.stem}.sqlite"
     bank = HardPixelBank(info.num_classes, cell_size=cfg.bank.cell_size, momentum=cfg.bank.momentum)
     started = time.perf_counter()
     count = mine_split(
-        model=model, loader=loader, loss_fn=build_loss(cfg).to(device), device=device, bank=bank,
+        model=run.model, loader=loader, loss_fn=run.loss_fn, device=run.device, bank=bank,
         store_path=output, working_size=tuple(cfg.data.resize) if cfg.data.resize else None,  # type: ignore[arg-type]
         amp=cfg.train.amp, progress=cfg.train.progress,
     )  # fmt: skip
-    save_bank(bank, output, class_names=info.names, epoch=int(state["train_state"]["epoch"]))
+    save_bank(bank, output, class_names=info.names, epoch=int(meta["progress"]["epoch"]))
     seconds = time.perf_counter() - started
     size = output.stat().st_size
     print(
@@ -123,14 +164,14 @@ def run_viz(
 ) -> Path:  # fmt: skip
     """Gallery of hard-pixel maps for a run's hardest (or chosen) images, plus its plots."""
     checkpoint = checkpoint or (run / "best.pt" if (run / "best.pt").exists() else run / "last.pt")
-    cfg, model, device, _ = load_model_from_checkpoint(checkpoint, overrides)
-    dataset = build_dataset(cfg.data, cfg.augment, split=split, train=False, seed=cfg.run.seed)
+    trained, _ = TrainingRun.for_inference(checkpoint, overrides)
+    dataset = eval_dataset(build_eval_loader(trained.config, split=split))
     store = run / BANK_FILE
     bank = load_bank(store) if store.exists() else None
     page = write_gallery(
-        model=model, dataset=dataset, sample_ids=ids or choose_ids(bank, dataset, num=num),
-        loss_fn=build_loss(cfg).to(device), device=device, classes=class_info(cfg.data), bank=bank,
-        output=output or run / "gallery", plots=save_run_plots(run), progress=cfg.train.progress,
+        model=trained.model, dataset=dataset, sample_ids=ids or choose_ids(bank, dataset, num=num),
+        loss_fn=trained.loss_fn, device=trained.device, classes=trained.classes, bank=bank,
+        output=output or run / "gallery", plots=save_run_plots(run), progress=trained.config.train.progress,
     )  # fmt: skip
     print(f"gallery written: open {page}")
     return page

@@ -6,22 +6,27 @@ import argparse
 import sys
 from pathlib import Path
 
+from segohem import __version__
 from segohem.cli.commands import run_eval, run_hard_pixels, run_mine, run_predict, run_viz
 from segohem.cli.train import run_train
-from segohem.config import ConfigError, load_config
-from segohem.engine.loop import BANK_FILE
+from segohem.config import Config, ConfigError, load_config
+from segohem.data import SPLITS, DatasetError, dataset_error_message
+from segohem.engine.loop import BANK_FILE, TrainingDiverged
+from segohem.engine.run_folder import RunFolderBusy
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segohem", description="Segmentation training with pixel-level OHEM.")
+    parser.add_argument("--version", action="version", version=f"segohem {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a model (built-in synthetic data by default)")
     train.add_argument("--config", type=Path, help="YAML config; defaults give the synthetic demo")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from last.pt")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config, documented, and exit")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     ev = commands.add_parser("eval", help="evaluate a checkpoint")
     ev.add_argument("--checkpoint", type=Path, required=True)
-    ev.add_argument("--split", default="val", choices=("train", "val"))
+    ev.add_argument("--split", default="val", choices=SPLITS)
     ev.add_argument("--output", type=Path, help="also write the metrics as JSON here")
     ev.add_argument("overrides", nargs="*", metavar="key.sub=value")
     pr = commands.add_parser("predict", help="write label and colour PNGs for a folder of images")
@@ -31,7 +36,7 @@ def make_parser() -> argparse.ArgumentParser:
     pr.add_argument("overrides", nargs="*", metavar="key.sub=value")
     mi = commands.add_parser("mine", help="read-only pass over a split: exact hard masks and loss maps")
     mi.add_argument("--checkpoint", type=Path, required=True)
-    mi.add_argument("--split", default="train", choices=("train", "val"))
+    mi.add_argument("--split", default="train", choices=SPLITS)
     mi.add_argument("--output", type=Path, help="store path (default: mined_<split>_<checkpoint>.sqlite beside it)")
     mi.add_argument("overrides", nargs="*", metavar="key.sub=value")
     hp = commands.add_parser("hard-pixels", help="query a run's hard-pixel dictionary")
@@ -46,7 +51,7 @@ def make_parser() -> argparse.ArgumentParser:
     vz.add_argument("--checkpoint", type=Path, help="default: the run's best.pt")
     vz.add_argument("--num", type=int, default=8, help="the N hardest images by the dictionary")
     vz.add_argument("--ids", nargs="+", help="these sample ids instead")
-    vz.add_argument("--split", default="train", choices=("train", "val"))
+    vz.add_argument("--split", default="train", choices=SPLITS)
     vz.add_argument("--output", type=Path, help="default: RUN/gallery")
     vz.add_argument("overrides", nargs="*", metavar="key.sub=value")
     rf = commands.add_parser("refine", help="a refinement stage driven by a run's hard-pixel dictionary")
@@ -57,42 +62,68 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def train_config(args: argparse.Namespace) -> Config:
+    """The config of ``segohem train``: a new run's, or a resumed run's own config.yaml plus overrides."""
+    if args.resume is None:
+        return load_config(args.config, args.overrides)
+    if args.config is not None:
+        raise ConfigError(
+            f"--config cannot be combined with --resume: a resumed run keeps {args.resume / 'config.yaml'}; "
+            f"change it with key.sub=value overrides"
+        )
+    base = args.resume / "config.yaml"
+    if not base.is_file():
+        raise ConfigError(f"--resume {args.resume}: no config.yaml there; is it a run folder?")
+    located = [f"run.output_dir={args.resume.parent}", f"run.name={args.resume.name}"]
+    return load_config(base, [*args.overrides, *located])
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        cfg = train_config(args)
+        if args.print_config:
+            from segohem.config import describe_config
+
+            print(describe_config(cfg))
+            return 0
+        run_train(cfg, resume_from=args.resume)
+        return 0
+    if args.command == "refine":
+        defaults = [f"run.output_dir={args.run.parent}", f"run.name={args.run.name}-refine",
+                    f"refine.init={args.run / args.checkpoint}", f"refine.bank={args.bank or ''}"]  # fmt: skip
+        run_train(load_config(args.run / "config.yaml", [*defaults, *args.overrides]), resume_from=None)
+        return 0
+    if args.command == "viz":
+        run_viz(args.run, checkpoint=args.checkpoint, num=args.num, ids=args.ids, split=args.split,
+                output=args.output, overrides=args.overrides)  # fmt: skip
+        return 0
+    if args.command == "mine":
+        run_mine(args.checkpoint, split=args.split, output=args.output, overrides=args.overrides)
+        return 0
+    if args.command == "hard-pixels":
+        if (args.run is None) == (args.store is None):
+            raise ConfigError("give exactly one of --run DIR and --store FILE")
+        store = args.store or args.run / BANK_FILE
+        run_hard_pixels(store, view=args.view, class_name=args.class_name, top=args.top, fmt=args.format)
+        return 0
+    if args.command == "eval":
+        run_eval(args.checkpoint, split=args.split, overrides=args.overrides, output=args.output)
+        return 0
+    return run_predict(args.checkpoint, input_dir=args.input, output_dir=args.output, overrides=args.overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; a known failure is one line on stderr and a non-zero exit status.
+
+    2: bad input (config, data, checkpoint, store, a busy run folder); 3: training diverged.
+    """
     args = make_parser().parse_args(argv)
     try:
-        if args.command == "train":
-            if args.resume is not None:
-                base = args.resume / "config.yaml"
-                if not base.is_file():
-                    raise ConfigError(f"--resume {args.resume}: no config.yaml there; is it a run folder?")
-                located = [f"run.output_dir={args.resume.parent}", f"run.name={args.resume.name}"]
-                cfg = load_config(base, [*args.overrides, *located])
-            else:
-                cfg = load_config(args.config, args.overrides)
-            run_train(cfg, resume_from=args.resume)
-            return 0
-        if args.command == "refine":
-            defaults = [f"run.output_dir={args.run.parent}", f"run.name={args.run.name}-refine",
-                        f"refine.init={args.run / args.checkpoint}", f"refine.bank={args.bank or ''}"]  # fmt: skip
-            run_train(load_config(args.run / "config.yaml", [*defaults, *args.overrides]), resume_from=None)
-            return 0
-        if args.command == "viz":
-            run_viz(args.run, checkpoint=args.checkpoint, num=args.num, ids=args.ids, split=args.split,
-                    output=args.output, overrides=args.overrides)  # fmt: skip
-            return 0
-        if args.command == "mine":
-            run_mine(args.checkpoint, split=args.split, output=args.output, overrides=args.overrides)
-            return 0
-        if args.command == "hard-pixels":
-            if (args.run is None) == (args.store is None):
-                raise ConfigError("give exactly one of --run DIR and --store FILE")
-            store = args.store or args.run / BANK_FILE
-            run_hard_pixels(store, view=args.view, class_name=args.class_name, top=args.top, fmt=args.format)
-            return 0
-        if args.command == "eval":
-            run_eval(args.checkpoint, split=args.split, overrides=args.overrides, output=args.output)
-            return 0
-        return run_predict(args.checkpoint, input_dir=args.input, output_dir=args.output, overrides=args.overrides)
-    except (ValueError, FileNotFoundError, KeyError) as err:  # ConfigError, DatasetError included
+        return dispatch(args)
+    except TrainingDiverged as err:
         print(f"segohem {args.command}: error: {err}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError, KeyError, RunFolderBusy) as err:  # Config/Dataset/Checkpoint/StoreError
+        message = dataset_error_message(err) if isinstance(err, DatasetError) else str(err)
+        print(f"segohem {args.command}: error: {message}", file=sys.stderr)
         return 2

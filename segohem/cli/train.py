@@ -2,90 +2,88 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-from segohem.bank import HardPixelBank
-from segohem.cli.build import build_loaders, build_loss, load_refine_bank, resolve_device
+from segohem.bank_store import check_store
+from segohem.cli.build import build_loaders, load_refine_bank
 from segohem.config import Config, ConfigError, config_to_dict, save_config
-from segohem.data import class_info
-from segohem.engine.checkpoint import load_checkpoint, restore_rng_state
+from segohem.engine.checkpoint import load_checkpoint, remove_stale_temporaries
 from segohem.engine.distributed import is_main_process
-from segohem.engine.loop import TrainState, fit, seed_everything
-from segohem.engine.optim import build_optimizer, build_scheduler, load_optimizer_state
-from segohem.model import build_model, load_model_state
+from segohem.engine.loop import BANK_FILE, Loaders, fit, seed_everything
+from segohem.engine.run import Progress, TrainingRun
+from segohem.engine.run_folder import lock_run_folder
 from segohem.plots import save_run_plots
 from segohem.tracking import LocalLogger, MultiLogger
 from segohem.wandb_logger import WandbLogger
 
 
-def run_train(cfg: Config, *, resume_from: Path | None) -> TrainState:
-    """Build everything from ``cfg``, resume from ``resume_from/last.pt`` if given, and fit."""
+def run_train(cfg: Config, *, resume_from: Path | None) -> Progress:
+    """Build everything from ``cfg``, resume from ``resume_from/last.pt`` if given, and fit.
+
+    ``config.yaml`` is written only once the run (and any checkpoint it continues from) has
+    been built, so a failed start never changes a run folder's config.
+    """
     started = time.perf_counter()
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     if resume_from is None and (run_dir / "last.pt").exists():
         raise ConfigError(
             f"run folder {run_dir} already holds a run; resume it with --resume {run_dir} or pick another run.name=..."
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    seed_everything(cfg.run.seed)
-    torch.use_deterministic_algorithms(cfg.run.deterministic, warn_only=True)
-    device = resolve_device(cfg.run.device)
-    info = class_info(cfg.data)
-    refine_bank = load_refine_bank(cfg.refine) if cfg.refine.init else None
-    train_loader, val_loader = build_loaders(cfg, refine_bank=refine_bank)
-    model = build_model(cfg.model, num_classes=info.num_classes).to(device)
-    loss_fn = build_loss(cfg, refine_bank=refine_bank).to(device)
-    optimizer = build_optimizer(model, cfg.optim)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.optim.accumulate)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps=total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16" and device.type == "cuda")
-    state = TrainState()
-    bank = HardPixelBank(info.num_classes, cell_size=cfg.bank.cell_size, momentum=cfg.bank.momentum)
-    start_from = resume_from / "last.pt" if resume_from is not None else None
-    if start_from is None and cfg.refine.init:
-        start_from = Path(cfg.refine.init)
-    if start_from is not None:
-        checkpoint = load_checkpoint(start_from)
-        new_head = load_model_state(model, checkpoint["model"]) == "base"
-        if new_head:
-            print(f"attached a new refinement head (width {cfg.model.refine_head}) to the model of {start_from}")
-        load_optimizer_state(optimizer, checkpoint["optimizer"], allow_new=new_head)
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        state = TrainState(**checkpoint["train_state"])
-        restore_rng_state(checkpoint["rng"])
-        if checkpoint.get("bank"):
-            bank.load_state_dict(checkpoint["bank"])
-        if resume_from is None:  # a refinement stage: a new run that continues the schedule
-            state.best_miou, state.best_epoch = -1.0, -1
-            if refine_bank is not None:
-                bank.load_state_dict(copy.deepcopy(refine_bank.state_dict()))
-        print(f"continuing from {start_from} after epoch {state.epoch} (step {state.step})")
-    logger = MultiLogger(
-        LocalLogger(run_dir, resume_step=state.step, resume_epoch=state.epoch, classes=info),
-        WandbLogger(cfg.wandb, run_dir=run_dir, run_name=cfg.run.name, config=config_to_dict(cfg), classes=info),
-    )
-    logger.log_config(config_to_dict(cfg))
-    state = fit(
-        model=model, loss_fn=loss_fn, train_loader=train_loader, val_loader=val_loader, optimizer=optimizer,
-        scheduler=scheduler, scaler=scaler, device=device, optim_cfg=cfg.optim, train_cfg=cfg.train,
-        state=state, seed=cfg.run.seed, class_names=info.names, ignore_index=info.ignore_index,
-        run_dir=run_dir, config_dict=config_to_dict(cfg), logger=logger, bank=bank if cfg.bank.enabled else None,
-    )  # fmt: skip
-    if is_main_process():
-        logger.log_plots(save_run_plots(run_dir))
-    logger.close()
+    with lock_run_folder(run_dir):
+        for path in remove_stale_temporaries(run_dir):
+            print(f"removed {path.name}, left by an interrupted checkpoint write")
+        seed_everything(cfg.run.seed)
+        torch.use_deterministic_algorithms(cfg.run.deterministic, warn_only=True)
+        run, loaders = _build_run(cfg, resume_from=resume_from)
+        save_config(cfg, run_dir / "config.yaml")
+        logger = MultiLogger(
+            LocalLogger(run_dir, resume_step=run.progress.step, resume_epoch=run.progress.epoch, classes=run.classes),
+            WandbLogger(
+                cfg.wandb, run_dir=run_dir, run_name=cfg.run.name, config=config_to_dict(cfg), classes=run.classes
+            ),
+        )
+        try:
+            logger.log_config(config_to_dict(cfg))
+            progress = fit(run, loaders, run_dir=run_dir, logger=logger)
+            if is_main_process():
+                logger.log_plots(save_run_plots(run_dir))
+        finally:
+            logger.close()
     print(
-        f"done in {time.perf_counter() - started:.0f}s: best val mIoU {100 * state.best_miou:.2f} "
-        f"(epoch {state.best_epoch}); run folder {run_dir}"
+        f"done in {time.perf_counter() - started:.0f}s: best val mIoU {100 * progress.best_miou:.2f} "
+        f"(epoch {progress.best_epoch}); run folder {run_dir}"
     )
-    return state
+    return progress
+
+
+def _build_run(cfg: Config, *, resume_from: Path | None) -> tuple[TrainingRun, Loaders]:
+    """A new run, a resumed one (``resume_from/last.pt``) or a refinement stage (``refine.init``)."""
+    if resume_from is not None:
+        store = resume_from / BANK_FILE
+        problem = check_store(store) if store.exists() else None
+        if problem:
+            warnings.warn(f"{store}: {problem}; it will be rebuilt from the checkpoint's dictionary", stacklevel=2)
+        loaders = build_loaders(cfg)
+        run = TrainingRun.resume(cfg, resume_from / "last.pt", steps_per_epoch=_steps_per_epoch(cfg, loaders))
+        print(f"continuing from {resume_from / 'last.pt'} after epoch {run.progress.epoch} (step {run.progress.step})")
+    elif cfg.refine.init:
+        init = Path(cfg.refine.init)
+        checkpoint = load_checkpoint(init)
+        refine_bank = load_refine_bank(cfg.refine, checkpoint)
+        loaders = build_loaders(cfg, refine_bank=refine_bank)
+        run = TrainingRun.refine_from(cfg, checkpoint, source=init, bank=refine_bank,
+                                      steps_per_epoch=_steps_per_epoch(cfg, loaders))  # fmt: skip
+        print(f"refining from {init} after epoch {run.progress.epoch} (step {run.progress.step})")
+    else:
+        loaders = build_loaders(cfg)
+        run = TrainingRun.create(cfg, steps_per_epoch=_steps_per_epoch(cfg, loaders))
+    return run, loaders
+
+
+def _steps_per_epoch(cfg: Config, loaders: Loaders) -> int:
+    return math.ceil(len(loaders.train) / cfg.optim.accumulate)

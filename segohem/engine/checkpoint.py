@@ -1,23 +1,63 @@
-"""Atomic checkpoints and the RNG state that makes a resumed run continue exactly."""
+"""Checkpoint files: atomic writes, safe reads (``weights_only``) and the RNG state of exact resume.
+
+A checkpoint holds tensors and plain containers only, so `load_checkpoint` never unpickles
+arbitrary objects: a crafted file cannot run code. NumPy arrays travel as tensors
+(`encode_arrays`/`decode_arrays`).
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+TEMP_PREFIX = "."
+TEMP_SUFFIX = ".tmp"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, corrupt or unsafe; the message names the file."""
+
+
+def encode_arrays(value: Any) -> Any:
+    """A copy of ``value`` with NumPy arrays turned into tensors and NumPy scalars into Python ones."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.array(value, copy=True))
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {key: encode_arrays(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(encode_arrays(item) for item in value)
+    return value
+
+
+def decode_arrays(value: Any) -> Any:
+    """The inverse of `encode_arrays`: tensors back to (owned) NumPy arrays."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy().copy()
+    if isinstance(value, dict):
+        return {key: decode_arrays(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(decode_arrays(item) for item in value)
+    return value
+
 
 def capture_rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
+    """Python, NumPy, torch (and CUDA) generator states as tensors and plain containers."""
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    numpy_state = {
+        "kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, np.int64)), "position": int(position),
+        "has_gauss": int(has_gauss), "cached_gauss": float(cached_gauss),
+    }  # fmt: skip
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -25,7 +65,9 @@ def capture_rng_state() -> dict[str, Any]:
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    keys = saved["keys"].numpy().astype(np.uint32)
+    np.random.set_state((saved["kind"], keys, saved["position"], saved["has_gauss"], saved["cached_gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -34,11 +76,12 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A crash at any moment leaves either the previous checkpoint or the new one, never a torn file.
+    A crash at any moment leaves either the previous checkpoint or the new one, never a torn
+    file; a temporary file a kill left behind is removed by `remove_stale_temporaries`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(handle, "wb") as tmp:
             torch.save(state, tmp)
@@ -50,10 +93,33 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files of interrupted checkpoint writes in ``folder``; returns them.
+
+    Call only while holding the run folder's lock: another writer's file would look the same.
+    """
+    stale = [p for p in folder.glob(f"{TEMP_PREFIX}*.pt.*{TEMP_SUFFIX}") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; any failure is one `CheckpointError` naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    # weights_only=False: the checkpoint holds RNG states (numpy arrays) and the config dict;
-    # only load checkpoints you wrote yourself.
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise CheckpointError(f"no checkpoint at {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): an interrupted copy? use another checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"checkpoint {path} holds objects that safe loading refuses (it was not written by this version "
+            f"of segohem, or was tampered with); it was not loaded: {str(err).splitlines()[0][:300]}"
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {str(err).splitlines()[0][:200]}") from err
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a segohem checkpoint")
+    return checkpoint

@@ -1,4 +1,4 @@
-"""The training loop as plain functions: `train_one_epoch`, `evaluate`, `fit`."""
+"""The training loop as plain functions over one `TrainingRun`: `train_one_epoch`, `evaluate`, `fit`."""
 
 from __future__ import annotations
 
@@ -8,38 +8,36 @@ import warnings
 import zlib
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from segohem.bank import HardPixelBank
 from segohem.bank_store import save_bank
-from segohem.config import OptimConfig, TrainConfig
+from segohem.data import ClassInfo
 from segohem.data.datasets import SegmentationDataset
-from segohem.engine.checkpoint import capture_rng_state, save_checkpoint
+from segohem.engine.checkpoint import save_checkpoint
 from segohem.engine.distributed import is_main_process
 from segohem.engine.panels import bank_rows, fixed_indices, prediction_panels
+from segohem.engine.run import Progress, TrainingRun
 from segohem.metrics import ConfusionMatrix, format_table
-from segohem.ohem import OhemCrossEntropy
 from segohem.tracking import Logger
 from segohem.visualize import EpochVisuals
 
 BANK_FILE = "hard_pixels.sqlite"
 
 
-@dataclass
-class TrainState:
-    """Progress that lives across epochs and is saved in every checkpoint."""
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row, or non-finite weights: the run stops without saving them."""
 
-    epoch: int = 0  # completed epochs
-    step: int = 0  # optimizer steps taken
-    best_miou: float = -1.0
-    best_epoch: int = -1
+
+class Loaders(NamedTuple):
+    train: DataLoader[Any]
+    val: DataLoader[Any]
 
 
 def seed_everything(seed: int) -> None:
@@ -63,94 +61,123 @@ def autocast_context(device: torch.device, amp: str) -> AbstractContextManager[A
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def train_one_epoch(
-    *,
-    model: nn.Module,
-    loss_fn: OhemCrossEntropy,
-    loader: Iterable[dict[str, Any]],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    device: torch.device,
-    optim_cfg: OptimConfig,
-    train_cfg: TrainConfig,
-    state: TrainState,
-    logger: Logger,
-    bank: HardPixelBank | None = None,
-) -> dict[str, float]:
-    """One pass over ``loader``; updates ``state.step`` and ``bank``. Returns epoch means."""
-    model.train()
-    num_batches = len(loader)  # type: ignore[arg-type]
-    bar = tqdm(
-        loader, desc=f"epoch {state.epoch + 1}", disable=not (train_cfg.progress and is_main_process()), leave=False
-    )
-    totals = {"loss": 0.0, "kept_fraction": 0.0, "batches": 0}
-    window_start, window_images = time.perf_counter(), 0
+class _Group(NamedTuple):
+    """Detached per-micro-batch results of one optimizer step's accumulation group."""
+
+    losses: list[torch.Tensor]
+    kept: list[torch.Tensor]
+    thresholds: list[torch.Tensor]
+
+
+def _optimizer_step(run: TrainingRun, *, group_finite: bool) -> bool:
+    """Clip, check and take one optimizer step; returns False when it was skipped as non-finite.
+
+    With an fp16 gradient scaler, overflowing gradients are the scaler's business (it skips
+    the step and lowers the scale); only a non-finite loss counts as a bad step then.
+    """
+    optim_cfg, scaler = run.config.optim, run.scaler
+    scaler.unscale_(run.optimizer)
+    max_norm = optim_cfg.clip_grad_norm if optim_cfg.clip_grad_norm > 0 else float("inf")
+    grad_norm = nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
+    # One host sync per optimizer step: a non-finite update must never reach the weights.
+    grads_finite = scaler.is_enabled() or bool(torch.isfinite(grad_norm))
+    finite = group_finite and grads_finite
+    if finite or scaler.is_enabled():
+        scaler.step(run.optimizer)
+        scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return finite
+
+
+def _count_bad_step(run: TrainingRun, streak: int) -> int:
+    """Record a skipped step; raise `TrainingDiverged` after ``train.max_nonfinite_steps`` in a row."""
+    run.progress.skipped_steps += 1
+    limit = run.config.train.max_nonfinite_steps
+    tqdm.write(f"step {run.progress.step + 1}: loss or gradients not finite; step skipped ({streak} in a row)")
+    if streak >= limit:
+        raise TrainingDiverged(
+            f"training diverged: {streak} optimizer steps in a row had a non-finite loss or gradients "
+            f"(train.max_nonfinite_steps={limit}); lower optim.lr or set optim.clip_grad_norm. "
+            f"Checkpoints of earlier epochs are kept; nothing non-finite was saved"
+        )
+    return streak
+
+
+def train_one_epoch(run: TrainingRun, loader: DataLoader[Any], *, logger: Logger) -> dict[str, float]:
+    """One pass over ``loader``: steps the optimizer, updates ``run.progress`` and ``run.bank``.
+
+    Each optimizer step averages the gradients of its accumulation group (the last group of
+    an epoch may be smaller and is averaged over its own size). Returns epoch means.
+    """
+    train_cfg, accumulate, device = run.config.train, run.config.optim.accumulate, run.device
+    run.model.train()
+    num_batches = len(loader)
+    bar = tqdm(loader, desc=f"epoch {run.progress.epoch + 1}", leave=False,
+               disable=not (train_cfg.progress and is_main_process()))  # fmt: skip
+    totals = {"loss": 0.0, "kept_fraction": 0.0, "steps": 0}
+    window_start, window_images, streak = time.perf_counter(), 0, 0
+    group, group_finite = _Group([], [], []), True
     for batch_index, batch in enumerate(bar):
+        group_start = batch_index - batch_index % accumulate
+        group_size = min(accumulate, num_batches - group_start)
         images = batch["image"].to(device, non_blocking=True)
         masks = batch["mask"].to(device, non_blocking=True)
         with autocast_context(device, train_cfg.amp):
-            logits = model(images)
+            logits = run.model(images)
         pixel_weight = batch["pixel_weight"].to(device) if "pixel_weight" in batch else None
-        result = loss_fn(logits, masks, step=state.step, pixel_weight=pixel_weight)
-        scaler.scale(result.loss / optim_cfg.accumulate).backward()
-        if bank is not None:
-            bank.update(
+        result = run.loss_fn(logits, masks, step=run.progress.step, pixel_weight=pixel_weight)
+        run.scaler.scale(result.loss / group_size).backward()
+        # Host sync per micro-batch: a non-finite loss must not reach the dictionary either.
+        loss_finite = bool(torch.isfinite(result.loss))
+        group_finite &= loss_finite
+        if run.bank is not None and loss_finite:
+            run.bank.update(
                 sample_ids=batch["sample_id"], hard_mask=result.hard_mask, pixel_loss=result.pixel_loss,
                 target=masks, pred=logits.detach().argmax(1), source_yx=batch["source_yx"].to(device),
-                source_hw=batch["source_hw"], epoch=state.epoch,
+                source_hw=batch["source_hw"], epoch=run.progress.epoch,
             )  # fmt: skip
+        group.losses.append(result.loss.detach())
+        group.kept.append(result.kept_fraction.mean())
+        group.thresholds.append(result.prob_threshold.mean())
         window_images += images.shape[0]
-        last_batch = batch_index + 1 == num_batches
-        if (batch_index + 1) % optim_cfg.accumulate and not last_batch:
+        if batch_index + 1 < group_start + group_size:
             continue
-        if optim_cfg.clip_grad_norm > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        state.step += 1
-        loss_value = float(result.loss.detach())  # host sync, once per optimizer step
-        kept = float(result.kept_fraction.mean())
+        if not _optimizer_step(run, group_finite=group_finite):
+            streak = _count_bad_step(run, streak + 1)
+            group, group_finite = _Group([], [], []), True
+            continue
+        streak = 0
+        run.scheduler.step()
+        run.progress.step += 1
+        loss_value, kept, threshold = (float(torch.stack(values).mean()) for values in group)  # host sync
+        group, group_finite = _Group([], [], []), True
         totals["loss"] += loss_value
         totals["kept_fraction"] += kept
-        totals["batches"] += 1
+        totals["steps"] += 1
         bar.set_postfix(loss=f"{loss_value:.4f}", kept=f"{kept:.1%}")
-        if state.step % train_cfg.log_every == 0 or last_batch:
+        if run.progress.step % train_cfg.log_every == 0 or batch_index + 1 == num_batches:
             elapsed = time.perf_counter() - window_start
             logger.log_step(
-                {
-                    "train/loss": loss_value,
-                    "train/lr": optimizer.param_groups[0]["lr"],
-                    "train/kept_fraction": kept,
-                    "train/prob_threshold": float(result.prob_threshold.mean()),
-                    "train/images_per_s": window_images / max(elapsed, 1e-9),
-                },
-                step=state.step,
-            )
+                {"train/loss": loss_value, "train/lr": run.optimizer.param_groups[0]["lr"],
+                 "train/kept_fraction": kept, "train/prob_threshold": threshold,
+                 "train/images_per_s": window_images / max(elapsed, 1e-9)},
+                step=run.progress.step,
+            )  # fmt: skip
             window_start, window_images = time.perf_counter(), 0
-        if train_cfg.max_steps and state.step >= train_cfg.max_steps:
+        if train_cfg.max_steps and run.progress.step >= train_cfg.max_steps:
             break
-    count = max(1, int(totals["batches"]))
+    count = max(1, int(totals["steps"]))
     return {"train/loss": totals["loss"] / count, "train/kept_fraction": totals["kept_fraction"] / count}
 
 
 @torch.no_grad()
 def evaluate(
-    *,
-    model: nn.Module,
-    loader: Iterable[dict[str, Any]],
-    device: torch.device,
-    num_classes: int,
-    ignore_index: int,
-    amp: str = "none",
-    progress: bool = False,
-) -> dict[str, Any]:
+    model: nn.Module, loader: Iterable[dict[str, Any]], *, device: torch.device, classes: ClassInfo,
+    amp: str = "none", progress: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     """Confusion-matrix metrics over ``loader`` (see `ConfusionMatrix.compute`)."""
     model.eval()
-    confusion = ConfusionMatrix(num_classes, ignore_index=ignore_index)
+    confusion = ConfusionMatrix(classes.num_classes, ignore_index=classes.ignore_index)
     for batch in tqdm(loader, desc="eval", disable=not (progress and is_main_process()), leave=False):
         images = batch["image"].to(device, non_blocking=True)
         with autocast_context(device, amp):
@@ -160,120 +187,100 @@ def evaluate(
     return confusion.compute()
 
 
-def epoch_record(
-    train_stats: dict[str, float], val: dict[str, Any] | None, class_names: tuple[str, ...]
-) -> dict[str, float]:
+def epoch_record(train_stats: dict[str, float], val: dict[str, Any] | None, names: tuple[str, ...]) -> dict[str, float]:
     record = dict(train_stats)
     if val is not None:
         record.update({"val/miou": val["miou"], "val/pixel_acc": val["pixel_acc"], "val/mean_acc": val["mean_acc"]})
-        record.update({f"val/iou/{name}": iou for name, iou in zip(class_names, val["iou"], strict=True)})
+        record.update({f"val/iou/{name}": iou for name, iou in zip(names, val["iou"], strict=True)})
     return record
 
 
-def epoch_visuals(
-    *, model: nn.Module, loss_fn: OhemCrossEntropy, train_loader: torch.utils.data.DataLoader[Any],
-    val_loader: torch.utils.data.DataLoader[Any], device: torch.device, train_cfg: TrainConfig, seed: int,
-    class_names: tuple[str, ...], bank: HardPixelBank | None, confusion: list[list[int]],
-) -> EpochVisuals:  # fmt: skip
+def epoch_visuals(run: TrainingRun, loaders: Loaders, confusion: list[list[int]]) -> EpochVisuals:
     """Predictions on fixed validation images, the confusion matrix and the dictionary's hardest rows."""
-    val_set = val_loader.dataset
+    train_cfg, val_set = run.config.train, loaders.val.dataset
     panels = []
     if train_cfg.num_panels > 0 and isinstance(val_set, SegmentationDataset):
-        indices = fixed_indices(len(val_set), num=train_cfg.num_panels, seed=seed)
-        panels = prediction_panels(model=model, dataset=val_set, indices=indices, loss_fn=loss_fn, device=device)
-    train_set = getattr(train_loader.dataset, "base", train_loader.dataset)
+        indices = fixed_indices(len(val_set), num=train_cfg.num_panels, seed=run.config.run.seed)
+        panels = prediction_panels(model=run.model, dataset=val_set, indices=indices, loss_fn=run.loss_fn,
+                                   device=run.device)  # fmt: skip
+    train_set = getattr(loaders.train.dataset, "base", loaders.train.dataset)
     rows = []
-    if bank is not None and train_cfg.num_bank_rows > 0 and isinstance(train_set, SegmentationDataset):
-        rows = bank_rows(bank, train_set, class_names=class_names, top=train_cfg.num_bank_rows)
+    if run.bank is not None and train_cfg.num_bank_rows > 0 and isinstance(train_set, SegmentationDataset):
+        rows = bank_rows(run.bank, train_set, class_names=run.classes.names, top=train_cfg.num_bank_rows)
     return EpochVisuals(panels, np.asarray(confusion, np.int64), rows)
 
 
-def fit(
-    *,
-    model: nn.Module,
-    loss_fn: OhemCrossEntropy,
-    train_loader: torch.utils.data.DataLoader[Any],
-    val_loader: torch.utils.data.DataLoader[Any],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    device: torch.device,
-    optim_cfg: OptimConfig,
-    train_cfg: TrainConfig,
-    state: TrainState,
-    seed: int,
-    class_names: tuple[str, ...],
-    ignore_index: int,
-    run_dir: Path,
-    config_dict: dict[str, Any],
-    logger: Logger,
-    bank: HardPixelBank | None = None,
-) -> TrainState:
-    """Train from ``state.epoch`` to ``train_cfg.epochs``, evaluating and checkpointing.
+def check_finite_weights(model: nn.Module, *, epoch: int) -> None:
+    """Raise `TrainingDiverged` if any parameter or buffer is NaN or infinite (one host sync)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        raise TrainingDiverged(
+            f"the weights are not finite after epoch {epoch}; they were not saved (the run folder keeps the "
+            f"checkpoints of earlier epochs); lower optim.lr or set optim.clip_grad_norm"
+        )
+
+
+def save_epoch(run: TrainingRun, *, run_dir: Path, record: dict[str, float], improved: bool, final: bool,
+               logger: Logger) -> None:  # fmt: skip
+    """Write the store, then best.pt, then last.pt: after a kill at any point, last.pt never
+    records a best epoch whose best.pt was not written, and resuming redoes what is missing."""
+    progress, bank = run.progress, run.bank
+    check_finite_weights(run.model, epoch=progress.epoch)
+    checkpoint = run.state_dict(metrics=record)
+    if bank is not None:  # the store first: a checkpoint never points past its dictionary
+        save_bank(bank, run_dir / BANK_FILE, class_names=run.classes.names, epoch=progress.epoch)
+    if improved:
+        save_checkpoint(checkpoint, run_dir / "best.pt")
+    save_checkpoint(checkpoint, run_dir / "last.pt")
+    if progress.epoch in run.config.train.snapshot_epochs:
+        save_checkpoint(checkpoint, run_dir / f"epoch{progress.epoch:03d}.pt")
+    if improved or final:
+        aliases = ["latest", f"epoch-{progress.epoch}", *(["best"] if improved else [])]
+        logger.log_artifact(run_dir / "last.pt", kind="checkpoint", aliases=aliases)
+        if bank is not None:
+            logger.log_artifact(run_dir / BANK_FILE, kind="hard-pixel-dictionary", aliases=aliases)
+
+
+def fit(run: TrainingRun, loaders: Loaders, *, run_dir: Path, logger: Logger) -> Progress:
+    """Train from ``run.progress.epoch`` to ``train.epochs``, evaluating and checkpointing.
 
     Each epoch reseeds the global RNGs, the sampler and the dataset's augmentation from
     (seed, epoch), so resuming from the checkpoint of epoch e repeats epoch e + 1 exactly.
     ``last.pt`` is written after every epoch, ``best.pt`` when val mIoU improves.
     """
-    while state.epoch < train_cfg.epochs:
-        epoch = state.epoch
-        seed_everything(epoch_seed(seed, epoch))
-        for target in (train_loader.sampler, train_loader.dataset):
+    train_cfg, progress_bar = run.config.train, run.config.train.progress
+    while run.progress.epoch < train_cfg.epochs:
+        epoch = run.progress.epoch
+        seed_everything(epoch_seed(run.config.run.seed, epoch))
+        for target in (loaders.train.sampler, loaders.train.dataset):
             if hasattr(target, "set_epoch"):
                 target.set_epoch(epoch)
         started = time.perf_counter()
-        train_stats = train_one_epoch(
-            model=model, loss_fn=loss_fn, loader=train_loader, optimizer=optimizer, scheduler=scheduler,
-            scaler=scaler, device=device, optim_cfg=optim_cfg, train_cfg=train_cfg, state=state, logger=logger,
-            bank=bank,
-        )  # fmt: skip
+        train_stats = train_one_epoch(run, loaders.train, logger=logger)
         train_stats["train/epoch_seconds"] = time.perf_counter() - started
-        state.epoch += 1
-        stopping = bool(train_cfg.max_steps and state.step >= train_cfg.max_steps)
+        progress = run.progress
+        progress.epoch += 1
+        stopping = bool(train_cfg.max_steps and progress.step >= train_cfg.max_steps)
+        final = stopping or progress.epoch == train_cfg.epochs
         val = None
-        if state.epoch % train_cfg.eval_every == 0 or state.epoch == train_cfg.epochs or stopping:
-            val = evaluate(
-                model=model, loader=val_loader, device=device, num_classes=len(class_names),
-                ignore_index=ignore_index, amp=train_cfg.amp, progress=train_cfg.progress,
-            )  # fmt: skip
+        if progress.epoch % train_cfg.eval_every == 0 or final:
+            val = evaluate(run.model, loaders.val, device=run.device, classes=run.classes, amp=train_cfg.amp,
+                           progress=progress_bar)  # fmt: skip
             if is_main_process():
                 tqdm.write(
-                    f"epoch {state.epoch}/{train_cfg.epochs}  step {state.step}  "
+                    f"epoch {progress.epoch}/{train_cfg.epochs}  step {progress.step}  "
                     f"train loss {train_stats['train/loss']:.4f}  kept {train_stats['train/kept_fraction']:.1%}"
                 )
-                tqdm.write(format_table(val, class_names))
-        improved = val is not None and val["miou"] > state.best_miou
-        if improved:
-            assert val is not None
-            state.best_miou, state.best_epoch = val["miou"], state.epoch
-        record = epoch_record(train_stats, val, class_names)
-        logger.log_epoch(record, epoch=state.epoch, step=state.step)
+                tqdm.write(format_table(val, run.classes.names))
+        improved = val is not None and val["miou"] > progress.best_miou
+        if val is not None and improved:
+            progress.best_miou, progress.best_epoch = val["miou"], progress.epoch
+        record = epoch_record(train_stats, val, run.classes.names)
+        logger.log_epoch(record, epoch=progress.epoch, step=progress.step)
         if val is not None and is_main_process():
-            visuals = epoch_visuals(
-                model=model, loss_fn=loss_fn, train_loader=train_loader, val_loader=val_loader, device=device,
-                train_cfg=train_cfg, seed=seed, class_names=class_names, bank=bank, confusion=val["confusion"],
-            )  # fmt: skip
-            logger.log_visuals(visuals, epoch=state.epoch, step=state.step)
+            logger.log_visuals(epoch_visuals(run, loaders, val["confusion"]), epoch=progress.epoch, step=progress.step)
         if is_main_process():
-            checkpoint = {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "train_state": asdict(state), "rng": capture_rng_state(), "config": config_dict,
-                "class_names": list(class_names), "metrics": record,
-                "bank": bank.state_dict() if bank is not None else None,
-            }  # fmt: skip
-            if bank is not None:  # the store first: a checkpoint never points past its dictionary
-                save_bank(bank, run_dir / BANK_FILE, class_names=class_names, epoch=state.epoch)
-            save_checkpoint(checkpoint, run_dir / "last.pt")
-            if improved:
-                save_checkpoint(checkpoint, run_dir / "best.pt")
-            if improved or state.epoch == train_cfg.epochs or stopping:
-                aliases = ["latest", f"epoch-{state.epoch}", *(["best"] if improved else [])]
-                logger.log_artifact(run_dir / "last.pt", kind="checkpoint", aliases=aliases)
-                if bank is not None:
-                    logger.log_artifact(run_dir / BANK_FILE, kind="hard-pixel-dictionary", aliases=aliases)
-            if state.epoch in train_cfg.snapshot_epochs:
-                save_checkpoint(checkpoint, run_dir / f"epoch{state.epoch:03d}.pt")
+            save_epoch(run, run_dir=run_dir, record=record, improved=improved, final=final, logger=logger)
         if stopping:
             break
-    return state
+    return run.progress

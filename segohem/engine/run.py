@@ -1,0 +1,234 @@
+"""The training-run object: everything that lives across steps, and the one checkpoint format.
+
+`TrainingRun.state_dict()`/`load_state_dict()` alone define what a checkpoint holds; every
+command that reads a checkpoint goes through `TrainingRun` (train, resume, refine, eval,
+mine, predict, viz).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from segohem.bank import HardPixelBank
+from segohem.config import Config, ConfigError, config_to_dict, load_config
+from segohem.data import ClassInfo, class_info
+from segohem.engine.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    decode_arrays,
+    encode_arrays,
+    load_checkpoint,
+    restore_rng_state,
+)
+from segohem.engine.optim import build_optimizer, build_scheduler, load_optimizer_state
+from segohem.model import build_model, load_model_state
+from segohem.ohem import OhemCrossEntropy
+from segohem.refine import class_weights_from_bank
+
+# Version 2: tensors and plain containers only (loadable with weights_only=True), a
+# "progress" section. Version 1 (pickled NumPy arrays, "train_state") is refused.
+CHECKPOINT_FORMAT = 2
+
+
+@dataclass
+class Progress:
+    """Counters that live across epochs and are saved in every checkpoint."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # optimizer steps taken
+    best_miou: float = -1.0
+    best_epoch: int = -1
+    skipped_steps: int = 0  # optimizer steps skipped because the loss or a gradient was not finite
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={name} but CUDA is not available; use run.device=cpu")
+    return torch.device(name)
+
+
+def build_loss(cfg: Config, *, refine_bank: HardPixelBank | None = None) -> OhemCrossEntropy:
+    """The OHEM loss of ``cfg.ohem``; a refinement bank may scale the class weights."""
+    ohem, info = cfg.ohem, class_info(cfg.data)
+    if ohem.class_weight and len(ohem.class_weight) != info.num_classes:
+        raise ConfigError(f"ohem.class_weight has {len(ohem.class_weight)} values for {info.num_classes} classes")
+    class_weight = np.asarray(ohem.class_weight or [1.0] * info.num_classes, dtype=np.float64)
+    if refine_bank is not None and cfg.refine.class_weight_power > 0:
+        class_weight = class_weight * class_weights_from_bank(refine_bank, power=cfg.refine.class_weight_power)
+        named = zip(info.names, class_weight, strict=True)
+        print("class weights from the dictionary:", ", ".join(f"{name} {w:.2f}" for name, w in named))
+    return OhemCrossEntropy(
+        mode=ohem.mode, thresh=ohem.thresh, min_kept=ohem.min_kept, top_k=ohem.top_k,  # type: ignore[arg-type]
+        scope=ohem.scope, ignore_index=info.ignore_index,  # type: ignore[arg-type]
+        class_weight=None if (class_weight == 1).all() else class_weight.tolist(), warmup_steps=ohem.warmup_steps,
+    )  # fmt: skip
+
+
+def checkpoint_config(path: Path, checkpoint: dict[str, Any], overrides: list[str]) -> Config:
+    """The config a checkpoint was written with, plus ``overrides``; refuses other formats."""
+    version = checkpoint.get("format")
+    if version != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path} has format {version!r}; this segohem reads format {CHECKPOINT_FORMAT} "
+            f"(checkpoints written before format 2 must be re-created by training)"
+        )
+    return load_config(None, overrides, base=checkpoint["config"])
+
+
+@dataclass
+class TrainingRun:
+    """Model, loss, optimizer, scheduler, scaler, dictionary and progress of one run."""
+
+    config: Config
+    classes: ClassInfo
+    device: torch.device
+    model: nn.Module
+    loss_fn: OhemCrossEntropy
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    bank: HardPixelBank | None
+    progress: Progress = field(default_factory=Progress)
+
+    @classmethod
+    def create(
+        cls, cfg: Config, *, steps_per_epoch: int, refine_bank: HardPixelBank | None = None, pretrained: bool = True
+    ) -> TrainingRun:
+        """A new run from ``cfg``: fresh model and state.
+
+        ``pretrained=False`` skips ``model.encoder_weights`` (a checkpoint is about to supply
+        every weight, and the weights file need not exist any more).
+        """
+        device = resolve_device(cfg.run.device)
+        info = class_info(cfg.data)
+        model_cfg = cfg.model if pretrained else dataclasses.replace(cfg.model, encoder_weights=None)
+        model = build_model(model_cfg, num_classes=info.num_classes).to(device)
+        optimizer = build_optimizer(model, cfg.optim)
+        total_steps = steps_per_epoch * cfg.train.epochs
+        if cfg.train.max_steps:
+            total_steps = min(total_steps, cfg.train.max_steps)
+        bank = None
+        if cfg.bank.enabled:
+            bank = HardPixelBank(info.num_classes, cell_size=cfg.bank.cell_size, momentum=cfg.bank.momentum)
+        return cls(
+            config=cfg, classes=info, device=device, model=model,
+            loss_fn=build_loss(cfg, refine_bank=refine_bank).to(device), optimizer=optimizer,
+            scheduler=build_scheduler(optimizer, cfg.optim, total_steps=total_steps),
+            scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16" and device.type == "cuda"),
+            bank=bank,
+        )  # fmt: skip
+
+    @classmethod
+    def resume(cls, cfg: Config, checkpoint_path: Path, *, steps_per_epoch: int) -> TrainingRun:
+        """Continue exactly where ``checkpoint_path`` (a run's last.pt) stopped."""
+        run = cls.create(cfg, steps_per_epoch=steps_per_epoch, pretrained=False)
+        run.load_state_dict(_read(checkpoint_path), source=checkpoint_path)
+        return run
+
+    @classmethod
+    def refine_from(
+        cls, cfg: Config, checkpoint: dict[str, Any], *, source: Path, bank: HardPixelBank | None,
+        steps_per_epoch: int,
+    ) -> TrainingRun:  # fmt: skip
+        """A new run continuing the schedule of ``checkpoint`` (read from ``source``), best score reset.
+
+        A model with a refinement head accepts a base model's weights (the head starts at
+        zero, its optimizer state fresh). ``bank`` (a mined store) replaces the checkpoint's own.
+        """
+        run = cls.create(cfg, steps_per_epoch=steps_per_epoch, refine_bank=bank, pretrained=False)
+        run.load_state_dict(checkpoint, source=source, allow_new_head=True)
+        run.progress.best_miou, run.progress.best_epoch = -1.0, -1
+        if bank is not None and run.bank is not None:
+            run.bank.load_state_dict(copy.deepcopy(bank.state_dict()))
+        return run
+
+    @classmethod
+    def for_inference(cls, checkpoint_path: Path, overrides: list[str]) -> tuple[TrainingRun, dict[str, Any]]:
+        """The checkpoint's config (plus overrides) and model in eval mode; optimizer state untouched.
+
+        Returns the run and the checkpoint's metadata (progress, metrics, class names).
+        """
+        checkpoint = _read(checkpoint_path)
+        cfg = checkpoint_config(checkpoint_path, checkpoint, overrides)
+        run = cls.create(cfg, steps_per_epoch=1, pretrained=False)
+        _load_model(run.model, checkpoint, checkpoint_path)
+        run.progress = Progress(**checkpoint["progress"])
+        run.model.eval()
+        return run, {key: checkpoint[key] for key in ("progress", "metrics", "class_names")}
+
+    def state_dict(self, *, metrics: dict[str, float] | None = None) -> dict[str, Any]:
+        """The checkpoint: tensors and plain containers only (``torch.load(weights_only=True)``)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "progress": asdict(self.progress),
+            "rng": capture_rng_state(),
+            "config": config_to_dict(self.config),
+            "class_names": list(self.classes.names),
+            "metrics": dict(metrics or {}),
+            "bank": encode_arrays(self.bank.state_dict()) if self.bank is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], *, source: Path, allow_new_head: bool = False) -> None:
+        """Restore everything from a checkpoint of this format; ``source`` names it in errors."""
+        checkpoint_config(source, state, [])  # checks the format
+        if list(state["class_names"]) != list(self.classes.names):
+            raise CheckpointError(
+                f"checkpoint {source} was trained on classes {state['class_names']}; this config has "
+                f"{list(self.classes.names)}"
+            )
+        new_head = _load_model(self.model, state, source) == "base"
+        if new_head and not allow_new_head:
+            raise CheckpointError(f"checkpoint {source} has no refinement head; resume it with model.refine_head=0")
+        if new_head:
+            print(f"attached a new refinement head (width {self.config.model.refine_head}) to the model of {source}")
+        try:
+            load_optimizer_state(self.optimizer, state["optimizer"], allow_new=new_head)
+        except ValueError as err:
+            raise CheckpointError(f"checkpoint {source}: {err} (was optim.name changed?)") from err
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        known = {f.name for f in fields(Progress)}
+        self.progress = Progress(**{k: v for k, v in state["progress"].items() if k in known})
+        restore_rng_state(state["rng"])
+        if self.bank is not None and state.get("bank"):
+            self.bank.load_state_dict(decode_arrays(state["bank"]))
+
+
+def checkpoint_bank(checkpoint: dict[str, Any], *, source: Path) -> HardPixelBank | None:
+    """The hard-pixel dictionary saved in ``checkpoint`` (None when it holds none)."""
+    state = checkpoint.get("bank")
+    if not state or not state["samples"]:
+        return None
+    bank = HardPixelBank(state["num_classes"])
+    bank.load_state_dict(decode_arrays(state))
+    return bank
+
+
+def _read(path: Path) -> dict[str, Any]:
+    checkpoint = load_checkpoint(path)
+    checkpoint_config(path, checkpoint, [])
+    return checkpoint
+
+
+def _load_model(model: nn.Module, checkpoint: dict[str, Any], source: Path) -> str:
+    try:
+        return load_model_state(model, checkpoint["model"])
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"checkpoint {source} does not fit the configured model (was model.* overridden?): "
+            f"{str(err).splitlines()[0][:300]}"
+        ) from err

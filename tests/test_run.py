@@ -1,0 +1,203 @@
+"""The training-run object: checkpoint format, safe loading, non-finite steps, accumulation, run folders."""
+
+import dataclasses
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segohem.cli import main, run_train
+from segohem.engine import loop
+from segohem.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from segohem.engine.loop import TrainingDiverged, train_one_epoch
+from segohem.engine.run import CHECKPOINT_FORMAT, TrainingRun
+from segohem.engine.run_folder import RunFolderBusy, lock_run_folder
+from segohem.tracking import NullLogger
+
+from .conftest import tiny_config
+
+NUM_CLASSES = 7
+
+
+def toy_run(tmp_path, *overrides):
+    """A run whose model is one 1x1 convolution, trained by plain SGD at lr 1 with plain CE."""
+    cfg = tiny_config(tmp_path, "ohem.mode=none", "bank.enabled=false", *overrides)
+    run = TrainingRun.create(cfg, steps_per_epoch=4)
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, NUM_CLASSES, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return dataclasses.replace(run, model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def toy_batches(count, *, nan_at=()):
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for index in range(count):
+        image = torch.randn(2, 3, 8, 8, generator=generator)
+        if index in nan_at:
+            image[0, 0, 0, 0] = float("nan")
+        mask = torch.randint(0, NUM_CLASSES, (2, 8, 8), generator=generator)
+        batches.append({"image": image, "mask": mask, "sample_id": [f"s{index}a", f"s{index}b"]})
+    return batches
+
+
+class RecordingLogger(NullLogger):
+    def __init__(self):
+        self.steps = []
+
+    def log_step(self, metrics, *, step):
+        self.steps.append((step, metrics))
+
+
+def test_partial_accumulation_group_is_averaged_over_its_own_size(tmp_path):
+    run = toy_run(tmp_path, "optim.accumulate=2", "train.log_every=1")
+    batches = toy_batches(3)
+    reference = nn.Conv2d(3, NUM_CLASSES, 1)
+    reference.load_state_dict(run.model.state_dict())
+    expected_losses = []
+    for group in (batches[:2], batches[2:]):  # the last group holds one batch
+        losses = [F.cross_entropy(reference(b["image"]), b["mask"]) for b in group]
+        torch.stack(losses).mean().backward()
+        with torch.no_grad():
+            for param in reference.parameters():
+                param -= param.grad
+                param.grad = None
+        expected_losses.append(float(torch.stack(losses).mean().detach()))
+    logger = RecordingLogger()
+    train_one_epoch(run, batches, logger=logger)
+    assert run.progress.step == 2
+    for got, want in zip(run.model.parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert [m["train/loss"] for _, m in logger.steps] == pytest.approx(expected_losses, rel=1e-6)
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path):
+    run = toy_run(tmp_path, "train.max_nonfinite_steps=2")
+    before = [p.detach().clone() for p in run.model.parameters()]
+    batches = toy_batches(3, nan_at=(0,))
+    train_one_epoch(run, batches[:1], logger=NullLogger())
+    assert run.progress.skipped_steps == 1 and run.progress.step == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, run.model.parameters(), strict=True))
+    train_one_epoch(run, batches[1:], logger=NullLogger())
+    assert run.progress.step == 2 and all(torch.isfinite(p).all() for p in run.model.parameters())
+
+
+def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
+    run = toy_run(tmp_path, "train.max_nonfinite_steps=2")
+    with pytest.raises(TrainingDiverged, match="2 optimizer steps in a row"):
+        train_one_epoch(run, toy_batches(3, nan_at=(0, 1)), logger=NullLogger())
+
+
+def test_a_diverging_run_exits_non_zero_without_saving_non_finite_weights(tmp_path, capsys):
+    args = ["train", f"run.output_dir={tmp_path}", "run.name=diverge", "run.device=cpu", "data.num_train=16",
+            "data.num_val=4", "data.image_size=[64,64]", "data.batch_size=4", "train.epochs=3",
+            "train.progress=false", "optim.lr=1.0e+6", "train.max_nonfinite_steps=2"]  # fmt: skip
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "diverged" in err or "weights are not finite" in err
+    for path in (tmp_path / "diverge").glob("*.pt"):
+        weights = load_checkpoint(path)["model"]
+        assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point()), path
+
+
+def test_checkpoints_load_with_weights_only_and_declare_their_format(tmp_path):
+    run_train(tiny_config(tmp_path, "train.max_steps=2"), resume_from=None)
+    checkpoint = torch.load(tmp_path / "tiny" / "last.pt", weights_only=True)
+    assert checkpoint["format"] == CHECKPOINT_FORMAT
+    assert checkpoint["progress"]["step"] == 2 and checkpoint["bank"]["samples"]
+
+
+class Exploit:
+    marker = None
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_crafted_checkpoint_does_not_run_code(tmp_path, capsys):
+    Exploit.marker = tmp_path / "pwned"
+    crafted = tmp_path / "crafted.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "model": Exploit()}, crafted)
+    assert main(["eval", "--checkpoint", str(crafted)]) == 2
+    assert not Exploit.marker.exists()
+    err = capsys.readouterr().err
+    assert str(crafted) in err and "safe loading refuses" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip", pickle.dumps({"a": 1})[:5]])
+def test_empty_truncated_or_corrupt_checkpoints_give_one_line(tmp_path, capsys, content):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"broken\.pt"):
+        load_checkpoint(path)
+    assert main(["eval", "--checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "broken.pt" in err[0]
+
+
+def test_a_kill_between_best_and_last_is_repaired_by_resume(tmp_path, monkeypatch):
+    straight = run_train(tiny_config(tmp_path, "run.name=straight", "train.epochs=2"), resume_from=None)
+    cfg = tiny_config(tmp_path, "run.name=killed", "train.epochs=2")
+    original = loop.save_checkpoint
+
+    def kill_before_last(state, path):
+        if path.name == "last.pt" and state["progress"]["epoch"] == 2:
+            raise KeyboardInterrupt("killed after best.pt, before last.pt")
+        original(state, path)
+
+    monkeypatch.setattr(loop, "save_checkpoint", kill_before_last)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg, resume_from=None)
+    monkeypatch.undo()
+    run_dir = tmp_path / "killed"
+    assert load_checkpoint(run_dir / "last.pt")["progress"]["epoch"] == 1
+    (run_dir / ".last.pt.leftover.tmp").write_bytes(b"x" * 100)  # what a kill mid-write leaves
+    resumed = run_train(cfg, resume_from=run_dir)
+    assert not list(run_dir.glob(".*.tmp"))
+    assert resumed.best_miou == straight.best_miou and resumed.best_epoch == straight.best_epoch
+    best, last = load_checkpoint(run_dir / "best.pt"), load_checkpoint(run_dir / "last.pt")
+    assert last["progress"]["best_epoch"] == best["progress"]["epoch"]
+    reference = load_checkpoint(tmp_path / "straight" / "best.pt")
+    assert all(torch.equal(best["model"][k], reference["model"][k]) for k in reference["model"])
+
+
+def test_a_second_writer_is_refused_with_the_holder_named(tmp_path, capsys):
+    run_dir = tmp_path / "tiny"
+    with lock_run_folder(run_dir):
+        with pytest.raises(RunFolderBusy, match="in use by process"):
+            run_train(tiny_config(tmp_path, "train.max_steps=1"), resume_from=None)
+        assert main(["train", f"run.output_dir={tmp_path}", "run.name=tiny"]) == 2
+        assert "in use by process" in capsys.readouterr().err
+    run_train(tiny_config(tmp_path, "train.max_steps=1"), resume_from=None)  # free again
+
+
+def test_a_failed_resume_leaves_the_run_config_alone(tmp_path, capsys):
+    run_train(tiny_config(tmp_path, "train.max_steps=1", "train.epochs=3"), resume_from=None)
+    run_dir = tmp_path / "tiny"
+    before = (run_dir / "config.yaml").read_bytes()
+    assert main(["train", "--resume", str(run_dir), "model.encoder=resnet34"]) == 2
+    err = capsys.readouterr().err
+    assert "last.pt" in err and "does not fit the configured model" in err
+    assert (run_dir / "config.yaml").read_bytes() == before
+    assert main(["train", "--resume", str(run_dir), "--config", str(run_dir / "config.yaml")]) == 2
+    assert "--config cannot be combined with --resume" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run_dir), "train.max_steps=2"]) == 0
+
+
+def test_loaded_bank_does_not_share_arrays_with_the_checkpoint(tmp_path):
+    run_train(tiny_config(tmp_path, "train.max_steps=2"), resume_from=None)
+    cfg = tiny_config(tmp_path, "train.max_steps=2")
+    run = TrainingRun.resume(cfg, tmp_path / "tiny" / "last.pt", steps_per_epoch=2)
+    checkpoint = load_checkpoint(tmp_path / "tiny" / "last.pt")
+    sample_id = next(iter(run.bank.samples))
+    run.bank.samples[sample_id].hard_acc += 1.0
+    assert not torch.equal(torch.from_numpy(run.bank.samples[sample_id].hard_acc),
+                           checkpoint["bank"]["samples"][sample_id]["hard_acc"])  # fmt: skip
+
+
+def test_save_checkpoint_round_trips_plain_state(tmp_path):
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "value": torch.arange(3)}, tmp_path / "x.pt")
+    assert torch.equal(load_checkpoint(tmp_path / "x.pt")["value"], torch.arange(3))
