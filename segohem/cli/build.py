@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from segohem.bank import HardPixelBank
 from segohem.bank_store import load_bank
 from segohem.config import Config, ConfigError, RefineConfig
-from segohem.data import build_dataset
+from segohem.data import build_dataset, collate_samples
 from segohem.data.datasets import SegmentationDataset
 from segohem.data.samplers import EpochShuffleSampler
 from segohem.engine.loop import Loaders
@@ -22,7 +22,13 @@ from segohem.refine import BankDrivenDataset, WeightedEpochSampler, image_weight
 def build_eval_loader(cfg: Config, *, split: str) -> DataLoader[Any]:
     """The loader every evaluation-like pass uses (validation, eval, mine, viz): no augmentation, in order."""
     dataset = build_dataset(cfg.data, cfg.augment, split=split, train=False, seed=cfg.run.seed)
-    return DataLoader(dataset, batch_size=cfg.data.val_batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.data.val_batch_size,
+        shuffle=False,
+        num_workers=cfg.data.num_workers,
+        collate_fn=collate_samples,
+    )
 
 
 def build_loaders(cfg: Config, *, refine_bank: HardPixelBank | None = None) -> Loaders:
@@ -43,6 +49,7 @@ def build_loaders(cfg: Config, *, refine_bank: HardPixelBank | None = None) -> L
     train_loader = DataLoader(
         train_set, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
         drop_last=len(base_set) >= cfg.data.batch_size, pin_memory=torch.cuda.is_available(),
+        collate_fn=collate_samples,
     )  # fmt: skip
     return Loaders(train_loader, build_eval_loader(cfg, split="val"))
 

@@ -10,7 +10,7 @@ from segohem import __version__
 from segohem.cli.commands import run_eval, run_hard_pixels, run_mine, run_predict, run_viz
 from segohem.cli.train import run_train
 from segohem.config import Config, ConfigError, load_config
-from segohem.data import SPLITS, DatasetError, dataset_error_message
+from segohem.data import SPLITS, dataset_error_message
 from segohem.engine.loop import BANK_FILE, TrainingDiverged
 from segohem.engine.run_folder import RunFolderBusy
 
@@ -124,6 +124,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"segohem {args.command}: error: {err}", file=sys.stderr)
         return 3
     except (ValueError, FileNotFoundError, KeyError, RunFolderBusy) as err:  # Config/Dataset/Checkpoint/StoreError
-        message = dataset_error_message(err) if isinstance(err, DatasetError) else str(err)
-        print(f"segohem {args.command}: error: {message}", file=sys.stderr)
+        print(f"segohem {args.command}: error: {dataset_error_message(err)}", file=sys.stderr)
         return 2
