@@ -4,6 +4,7 @@ Each field carries its documentation and limits (`setting`); the loader checks t
 (``Literal``) and limits per dotted key; `validate` holds the checks that span several fields.
 """
 
+# ruff: noqa: RUF009  (`setting` returns a dataclasses.field, so fields never share a default)
 from __future__ import annotations
 
 import copy
@@ -14,7 +15,7 @@ import re
 import types
 import typing
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,8 +37,9 @@ class ConfigError(ValueError):
 Check = Callable[[Any], "str | None"]  # returns what is wrong and what would work, or None
 
 
-def doc(
-    text: str,
+def setting(
+    default: Any,
+    doc: str,
     *,
     ge: float | None = None,
     gt: float | None = None,
@@ -45,13 +47,16 @@ def doc(
     lt: float | None = None,
     lengths: tuple[int, ...] = (),
     check: Check | None = None,
-) -> dict[str, Any]:
-    """A field's metadata: its one-line documentation and the limits the loader enforces.
+) -> Any:
+    """A dataclass field with its one-line documentation and the limits the loader enforces.
 
     ge / gt / le / lt: bounds of a number, or of every number in a (nested) list.
     lengths: the list lengths allowed. check: a test of the whole value (see `Check`).
     """
-    return {"doc": text, "ge": ge, "gt": gt, "le": le, "lt": lt, "lengths": lengths, "check": check}
+    metadata = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "lengths": lengths, "check": check}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 _PERCENT = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*")
@@ -101,172 +106,107 @@ def _rgb_triples(value: list[list[int]]) -> str | None:
 class RunConfig:
     """Run identity, seeding and device."""
 
-    name: str = field(default="synthetic-ohem", metadata=doc("run folder name under output_dir"))
-    output_dir: str = field(default="runs", metadata=doc("parent folder of run folders"))
-    seed: int = field(default=0, metadata=doc("seeds model init, batch order and augmentation", ge=0))
-    deterministic: bool = field(default=False, metadata=doc("torch.use_deterministic_algorithms (slower on GPU)"))
-    device: str = field(
-        default="auto", metadata=doc("auto | cpu | cuda | cuda:N; auto: cuda when available", check=_device)
-    )
+    name: str = setting("synthetic-ohem", "run folder name under output_dir")
+    output_dir: str = setting("runs", "parent folder of run folders")
+    seed: int = setting(0, "seeds model init, batch order and augmentation", ge=0)
+    deterministic: bool = setting(False, "torch.use_deterministic_algorithms (slower on GPU)")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N; auto: cuda when available", check=_device)
 
 
 @dataclass
 class DataConfig:
     """Dataset, splits, classes and batching."""
 
-    kind: DataKind = field(default="synthetic", metadata=doc("synthetic | folder | camvid"))
-    root: str = field(default="", metadata=doc("dataset root for folder / camvid"))
-    train_images: str = field(
-        default="train", metadata=doc("folder / camvid: image folder of the train split, relative to root")
+    kind: DataKind = setting("synthetic", "synthetic | folder | camvid")
+    root: str = setting("", "dataset root for folder / camvid")
+    train_images: str = setting("train", "folder / camvid: image folder of the train split, relative to root")
+    train_masks: str = setting("trainannot", "folder / camvid: label PNG folder of the train split, relative to root")
+    val_images: str = setting("val", "folder / camvid: image folder of the val split, relative to root")
+    val_masks: str = setting("valannot", "folder / camvid: label PNG folder of the val split, relative to root")
+    test_images: str = setting("test", "folder / camvid: image folder of the test split, relative to root")
+    test_masks: str = setting("testannot", "folder / camvid: label PNG folder of the test split, relative to root")
+    class_names: list[str] = setting([], "class names in label-id order; empty: the preset's")
+    palette: list[list[int]] = setting(
+        [], "RGB per class for masks and overlays; empty: the preset's", check=_rgb_triples
     )
-    train_masks: str = field(
-        default="trainannot", metadata=doc("folder / camvid: label PNG folder of the train split, relative to root")
-    )
-    val_images: str = field(
-        default="val", metadata=doc("folder / camvid: image folder of the val split, relative to root")
-    )
-    val_masks: str = field(
-        default="valannot", metadata=doc("folder / camvid: label PNG folder of the val split, relative to root")
-    )
-    test_images: str = field(
-        default="test", metadata=doc("folder / camvid: image folder of the test split, relative to root")
-    )
-    test_masks: str = field(
-        default="testannot", metadata=doc("folder / camvid: label PNG folder of the test split, relative to root")
-    )
-    class_names: list[str] = field(
-        default_factory=list, metadata=doc("class names in label-id order; empty: the preset's")
-    )
-    palette: list[list[int]] = field(
-        default_factory=list,
-        metadata=doc("RGB per class for masks and overlays; empty: the preset's", check=_rgb_triples),
-    )
-    ignore_index: int = field(default=255, metadata=doc("label id that is never trained on nor scored"))
-    num_train: int = field(default=320, metadata=doc("synthetic: images in the train split", ge=1))
-    num_val: int = field(default=64, metadata=doc("synthetic: images in the val split (and in the test split)", ge=1))
-    image_size: list[int] = field(
-        default_factory=lambda: [96, 128], metadata=doc("synthetic: [H, W] of every image", lengths=(2,), ge=1)
-    )
-    resize: list[int] = field(
-        default_factory=list, metadata=doc("[H, W] to resize every sample to; empty: keep", lengths=(0, 2), ge=1)
-    )
-    batch_size: int = field(default=8, metadata=doc("training images per batch (per process)", ge=1))
-    val_batch_size: int = field(default=8, metadata=doc("evaluation images per batch (per process)", ge=1))
-    num_workers: int = field(default=0, metadata=doc("DataLoader worker processes; 0: load in the main process", ge=0))
+    ignore_index: int = setting(255, "label id that is never trained on nor scored")
+    num_train: int = setting(320, "synthetic: images in the train split", ge=1)
+    num_val: int = setting(64, "synthetic: images in the val split (and in the test split)", ge=1)
+    image_size: list[int] = setting([96, 128], "synthetic: [H, W] of every image", lengths=(2,), ge=1)
+    resize: list[int] = setting([], "[H, W] to resize every sample to; empty: keep", lengths=(0, 2), ge=1)
+    batch_size: int = setting(8, "training images per batch (per process)", ge=1)
+    val_batch_size: int = setting(8, "evaluation images per batch (per process)", ge=1)
+    num_workers: int = setting(0, "DataLoader worker processes; 0: load in the main process", ge=0)
 
 
 @dataclass
 class AugmentConfig:
     """Training augmentation and input normalization."""
 
-    hflip: float = field(default=0.5, metadata=doc("probability of a horizontal flip", ge=0.0, le=1.0))
-    scale: list[float] = field(
-        default_factory=lambda: [1.0, 1.0],
-        metadata=doc("[low, high] random scale range", lengths=(2,), gt=0.0, check=_low_high),
-    )
-    crop: list[int] = field(
-        default_factory=list, metadata=doc("[H, W] random crop (padded with ignore); empty: none", lengths=(0, 2), ge=1)
-    )
-    color_jitter: float = field(default=0.0, metadata=doc("probability of brightness/contrast jitter", ge=0.0, le=1.0))
-    mean: list[float] = field(
-        default_factory=lambda: [0.5, 0.5, 0.5], metadata=doc("RGB mean in [0, 1] subtracted per channel", lengths=(3,))
-    )
-    std: list[float] = field(
-        default_factory=lambda: [0.5, 0.5, 0.5],
-        metadata=doc("RGB std in [0, 1] divided per channel", lengths=(3,), gt=0.0),
-    )
-    pad_divisor: int = field(
-        default=32, metadata=doc("eval images are padded to a multiple of this (with the ignore id)", ge=1)
-    )
+    hflip: float = setting(0.5, "probability of a horizontal flip", ge=0.0, le=1.0)
+    scale: list[float] = setting([1.0, 1.0], "[low, high] random scale range", lengths=(2,), gt=0.0, check=_low_high)
+    crop: list[int] = setting([], "[H, W] random crop (padded with ignore); empty: none", lengths=(0, 2), ge=1)
+    color_jitter: float = setting(0.0, "probability of brightness/contrast jitter", ge=0.0, le=1.0)
+    mean: list[float] = setting([0.5, 0.5, 0.5], "RGB mean in [0, 1] subtracted per channel", lengths=(3,))
+    std: list[float] = setting([0.5, 0.5, 0.5], "RGB std in [0, 1] divided per channel", lengths=(3,), gt=0.0)
+    pad_divisor: int = setting(32, "eval images are padded to a multiple of this (with the ignore id)", ge=1)
 
 
 @dataclass
 class ModelConfig:
     """Segmentation network (segmentation_models_pytorch)."""
 
-    arch: str = field(default="Unet", metadata=doc("any segmentation_models_pytorch architecture"))
-    encoder: str = field(default="resnet18", metadata=doc("any smp encoder name"))
-    encoder_weights: str | None = field(
-        default=None, metadata=doc("null | smp weight set name | local state-dict path")
-    )
-    encoder_depth: int = field(default=5, metadata=doc("encoder stages used by the decoder", ge=1, le=5))
-    refine_head: int = field(
-        default=0, metadata=doc("width of a small logit-correcting head on top of the model; 0: none", ge=0)
-    )
+    arch: str = setting("Unet", "any segmentation_models_pytorch architecture")
+    encoder: str = setting("resnet18", "any smp encoder name")
+    encoder_weights: str | None = setting(None, "null | smp weight set name | local state-dict path")
+    encoder_depth: int = setting(5, "encoder stages used by the decoder", ge=1, le=5)
+    refine_head: int = setting(0, "width of a small logit-correcting head on top of the model; 0: none", ge=0)
 
 
 @dataclass
 class OhemConfig:
     """Pixel-level online hard example mining (see docs/ohem.md)."""
 
-    mode: MiningMode = field(default="threshold", metadata=doc("threshold | topk | none (plain cross-entropy)"))
-    thresh: float = field(
-        default=0.7, metadata=doc("threshold mode: keep pixels whose true-class probability is below", gt=0.0, le=1.0)
+    mode: MiningMode = setting("threshold", "threshold | topk | none (plain cross-entropy)")
+    thresh: float = setting(0.7, "threshold mode: keep pixels whose true-class probability is below", gt=0.0, le=1.0)
+    min_kept: int | float | str = setting(
+        0.1,
+        "threshold mode: at least this many per image: 1000 pixels, 0.1 or '10%'",
+        check=_pixel_amount(positive=False),
     )
-    min_kept: int | float | str = field(
-        default=0.1,
-        metadata=doc(
-            "threshold mode: at least this many per image: 1000 pixels, 0.1 or '10%'",
-            check=_pixel_amount(positive=False),
-        ),
+    top_k: int | float | str = setting(
+        0.2, "topk mode: the hardest per image: 1000 pixels, 0.2 or '20%'", check=_pixel_amount(positive=True)
     )
-    top_k: int | float | str = field(
-        default=0.2,
-        metadata=doc("topk mode: the hardest per image: 1000 pixels, 0.2 or '20%'", check=_pixel_amount(positive=True)),
-    )
-    scope: MiningScope = field(
-        default="image", metadata=doc("image (per-image selection) | batch (mmseg/HRNet behaviour)")
-    )
-    warmup_steps: int = field(default=0, metadata=doc("ramp the kept share from 100% to the target over N steps", ge=0))
-    class_weight: list[float] = field(default_factory=list, metadata=doc("per-class loss weights; empty: none", ge=0.0))
+    scope: MiningScope = setting("image", "image (per-image selection) | batch (mmseg/HRNet behaviour)")
+    warmup_steps: int = setting(0, "ramp the kept share from 100% to the target over N steps", ge=0)
+    class_weight: list[float] = setting([], "per-class loss weights; empty: none", ge=0.0)
 
 
 @dataclass
 class BankConfig:
     """The hard-pixel dictionary kept across steps."""
 
-    enabled: bool = field(
-        default=True, metadata=doc("keep the hard-pixel dictionary (hard_pixels.sqlite in the run folder)")
-    )
-    cell_size: int = field(
-        default=8, metadata=doc("spatial hardness maps use cells of this many original-image pixels", ge=1)
-    )
-    momentum: float = field(
-        default=0.5, metadata=doc("weight of the past in per-image EMAs and per-cell decayed sums", ge=0.0, lt=1.0)
-    )
+    enabled: bool = setting(True, "keep the hard-pixel dictionary (hard_pixels.sqlite in the run folder)")
+    cell_size: int = setting(8, "spatial hardness maps use cells of this many original-image pixels", ge=1)
+    momentum: float = setting(0.5, "weight of the past in per-image EMAs and per-cell decayed sums", ge=0.0, lt=1.0)
 
 
 @dataclass
 class RefineConfig:
     """A refinement stage driven by a hard-pixel dictionary."""
 
-    init: str = field(
-        default="", metadata=doc("checkpoint to continue from (e.g. runs/x/epoch015.pt); empty: no refinement stage")
+    init: str = setting("", "checkpoint to continue from (e.g. runs/x/epoch015.pt); empty: no refinement stage")
+    bank: str = setting("", "hard-pixel store driving the stage (e.g. from `segohem mine`); empty: the checkpoint's")
+    sampler: RefineSampler = setting(
+        "none", "none | image (EMA kept fraction x hard loss) | class (equal mass per class)"
     )
-    bank: str = field(
-        default="",
-        metadata=doc("hard-pixel store driving the stage (e.g. from `segohem mine`); empty: the checkpoint's"),
-    )
-    sampler: RefineSampler = field(
-        default="none", metadata=doc("none | image (EMA kept fraction x hard loss) | class (equal mass per class)")
-    )
-    sampler_floor: float = field(
-        default=0.3, metadata=doc("no image is drawn less than this fraction of the mean rate", ge=0.0, le=1.0)
-    )
-    hard_crop_prob: float = field(
-        default=0.0, metadata=doc("probability a sample is a crop centred on a hard region", ge=0.0, le=1.0)
-    )
-    crop_scale: float = field(
-        default=1.0, metadata=doc("hard crops come from the image resized by this (2.0: half-res to full)", gt=0.0)
-    )
-    crop_sharpness: float = field(
-        default=2.0, metadata=doc("crop centres are drawn in proportion to hardness ** this", ge=0.0)
-    )
-    pixel_weight: float = field(
-        default=0.0, metadata=doc("alpha: kept pixels weigh 1 + alpha * their cell's stored hardness", ge=0.0)
-    )
-    class_weight_power: float = field(
-        default=0.0, metadata=doc("gamma: class c weighs (its hard fraction in the bank) ** gamma, mean 1", ge=0.0)
+    sampler_floor: float = setting(0.3, "no image is drawn less than this fraction of the mean rate", ge=0.0, le=1.0)
+    hard_crop_prob: float = setting(0.0, "probability a sample is a crop centred on a hard region", ge=0.0, le=1.0)
+    crop_scale: float = setting(1.0, "hard crops come from the image resized by this (2.0: half-res to full)", gt=0.0)
+    crop_sharpness: float = setting(2.0, "crop centres are drawn in proportion to hardness ** this", ge=0.0)
+    pixel_weight: float = setting(0.0, "alpha: kept pixels weigh 1 + alpha * their cell's stored hardness", ge=0.0)
+    class_weight_power: float = setting(
+        0.0, "gamma: class c weighs (its hard fraction in the bank) ** gamma, mean 1", ge=0.0
     )
 
 
@@ -274,72 +214,60 @@ class RefineConfig:
 class WandbConfig:
     """Weights & Biases logging."""
 
-    mode: WandbMode = field(
-        default="auto", metadata=doc("auto (online with credentials, else offline) | online | offline | disabled")
-    )
-    project: str = field(default="segohem", metadata=doc("W&B project"))
-    entity: str = field(default="", metadata=doc("W&B entity (user or team); empty: the default one"))
-    name: str = field(default="", metadata=doc("W&B run name; empty: run.name"))
-    group: str = field(default="", metadata=doc("W&B group; empty: none"))
-    tags: list[str] = field(default_factory=list, metadata=doc("W&B tags"))
-    log_checkpoints: bool = field(
-        default=True, metadata=doc("checkpoints and the dictionary as artifacts (aliases latest / best)")
-    )
+    mode: WandbMode = setting("auto", "auto (online with credentials, else offline) | online | offline | disabled")
+    project: str = setting("segohem", "W&B project")
+    entity: str = setting("", "W&B entity (user or team); empty: the default one")
+    name: str = setting("", "W&B run name; empty: run.name")
+    group: str = setting("", "W&B group; empty: none")
+    tags: list[str] = setting([], "W&B tags")
+    log_checkpoints: bool = setting(True, "checkpoints and the dictionary as artifacts (aliases latest / best)")
 
 
 @dataclass
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
-    name: OptimizerName = field(default="adamw", metadata=doc("adamw | sgd"))
-    lr: float = field(default=1e-3, metadata=doc("peak learning rate", gt=0.0))
-    weight_decay: float = field(default=1e-4, metadata=doc("decoupled (adamw) or L2 (sgd) weight decay", ge=0.0))
-    momentum: float = field(default=0.9, metadata=doc("sgd only", ge=0.0, lt=1.0))
-    warmup_iters: int = field(default=0, metadata=doc("linear LR warm-up, in optimizer steps", ge=0))
-    poly_power: float = field(default=0.9, metadata=doc("poly decay exponent over the whole run", ge=0.0))
-    min_lr: float = field(default=0.0, metadata=doc("learning rate at the end of the poly decay (<= lr)", ge=0.0))
-    accumulate: int = field(default=1, metadata=doc("gradient accumulation: batches per optimizer step", ge=1))
-    clip_grad_norm: float = field(
-        default=0.0, metadata=doc("clip the gradient norm to this; 0 disables clipping", ge=0.0)
-    )
+    name: OptimizerName = setting("adamw", "adamw | sgd")
+    lr: float = setting(1e-3, "peak learning rate", gt=0.0)
+    weight_decay: float = setting(1e-4, "decoupled (adamw) or L2 (sgd) weight decay", ge=0.0)
+    momentum: float = setting(0.9, "sgd only", ge=0.0, lt=1.0)
+    warmup_iters: int = setting(0, "linear LR warm-up, in optimizer steps", ge=0)
+    poly_power: float = setting(0.9, "poly decay exponent over the whole run", ge=0.0)
+    min_lr: float = setting(0.0, "learning rate at the end of the poly decay (<= lr)", ge=0.0)
+    accumulate: int = setting(1, "gradient accumulation: batches per optimizer step", ge=1)
+    clip_grad_norm: float = setting(0.0, "clip the gradient norm to this; 0 disables clipping", ge=0.0)
 
 
 @dataclass
 class TrainConfig:
     """Training length, precision, evaluation and logging cadence."""
 
-    epochs: int = field(default=8, metadata=doc("passes over the train split", ge=1))
-    max_steps: int = field(default=0, metadata=doc("stop after this many optimizer steps in total; 0: no limit", ge=0))
-    amp: AmpMode = field(default="none", metadata=doc("none | bf16 | fp16 (CUDA only; ignored with a warning on CPU)"))
-    eval_every: int = field(default=1, metadata=doc("epochs between evaluations", ge=1))
-    log_every: int = field(default=10, metadata=doc("steps between metric log lines", ge=1))
-    progress: bool = field(default=True, metadata=doc("show progress bars"))
-    snapshot_epochs: list[int] = field(
-        default_factory=list, metadata=doc("also keep epochNNN.pt after these epochs", ge=1)
-    )
-    num_panels: int = field(
-        default=4, metadata=doc("fixed, seeded validation images drawn at each evaluation (0: none)", ge=0)
-    )
-    num_bank_rows: int = field(
-        default=16, metadata=doc("hardest training images shown from the dictionary at each evaluation", ge=0)
-    )
-    max_nonfinite_steps: int = field(
-        default=5, metadata=doc("stop (exit status 3) after this many non-finite steps in a row; each is skipped", ge=1)
+    epochs: int = setting(8, "passes over the train split", ge=1)
+    max_steps: int = setting(0, "stop after this many optimizer steps in total; 0: no limit", ge=0)
+    amp: AmpMode = setting("none", "none | bf16 | fp16 (CUDA only; ignored with a warning on CPU)")
+    eval_every: int = setting(1, "epochs between evaluations", ge=1)
+    log_every: int = setting(10, "steps between metric log lines", ge=1)
+    progress: bool = setting(True, "show progress bars")
+    snapshot_epochs: list[int] = setting([], "also keep epochNNN.pt after these epochs", ge=1)
+    num_panels: int = setting(4, "fixed, seeded validation images drawn at each evaluation (0: none)", ge=0)
+    num_bank_rows: int = setting(16, "hardest training images shown from the dictionary at each evaluation", ge=0)
+    max_nonfinite_steps: int = setting(
+        5, "stop (exit status 3) after this many non-finite steps in a row; each is skipped", ge=1
     )
 
 
 @dataclass
 class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    ohem: OhemConfig = field(default_factory=OhemConfig)
-    bank: BankConfig = field(default_factory=BankConfig)
-    refine: RefineConfig = field(default_factory=RefineConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    ohem: OhemConfig = dataclasses.field(default_factory=OhemConfig)
+    bank: BankConfig = dataclasses.field(default_factory=BankConfig)
+    refine: RefineConfig = dataclasses.field(default_factory=RefineConfig)
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
 class _Loader(yaml.SafeLoader):
