@@ -1,4 +1,5 @@
 import json
+import os
 
 import cv2
 import numpy as np
@@ -48,3 +49,54 @@ def test_config_errors_exit_with_a_message(tmp_path, capsys):
     assert "did you mean 'ohem.thresh'" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
     assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_predict_never_overwrites_inputs_or_its_own_outputs(trained_run, tmp_path, capsys):
+    checkpoint = str(trained_run / "last.pt")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    cv2.imwrite(str(inputs / "a.png"), np.full((40, 40, 3), 90, np.uint8))
+    before = (inputs / "a.png").read_bytes()
+    assert main(["predict", "--checkpoint", checkpoint, "--input", str(inputs), "--output", str(inputs)]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert (inputs / "a.png").read_bytes() == before and sorted(p.name for p in inputs.iterdir()) == ["a.png"]
+
+    cv2.imwrite(str(inputs / "a.jpg"), np.full((40, 40, 3), 90, np.uint8))
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", checkpoint, "--input", str(inputs), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "a.jpg and a.png would both be written as a.png" in err and not out.exists()
+    (inputs / "a.jpg").unlink()
+    cv2.imwrite(str(inputs / "a_color.png"), np.full((40, 40, 3), 90, np.uint8))
+    assert main(["predict", "--checkpoint", checkpoint, "--input", str(inputs), "--output", str(out)]) == 2
+    assert "would both be written as a_color.png" in capsys.readouterr().err
+
+    a_file = tmp_path / "taken.txt"
+    a_file.write_text("keep me")
+    assert main(["predict", "--checkpoint", checkpoint, "--input", str(inputs), "--output", str(a_file)]) == 2
+    assert "is a file" in capsys.readouterr().err and a_file.read_text() == "keep me"
+
+
+def test_predict_reads_and_writes_file_names_that_are_not_utf8(trained_run, tmp_path):
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    _, encoded = cv2.imencode(".png", np.full((30, 50, 3), 60, np.uint8))
+    name = os.fsencode(inputs) + b"/caf\xe9.png"  # Latin-1 e-acute: not valid UTF-8
+    with open(name, "wb") as handle:
+        handle.write(encoded.tobytes())
+    code = main(["predict", "--checkpoint", str(trained_run / "last.pt"), "--input", str(inputs),
+                 "--output", str(outputs), "train.progress=false"])  # fmt: skip
+    assert code == 0
+    written = sorted(os.listdir(os.fsencode(outputs)))
+    assert written == [b"caf\xe9.png", b"caf\xe9_color.png"]
+    labels = cv2.imdecode(np.fromfile(os.fsencode(outputs) + b"/caf\xe9.png", np.uint8), cv2.IMREAD_UNCHANGED)
+    assert labels.shape == (30, 50)
+
+
+def test_version_and_print_config(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and "segohem 0." in capsys.readouterr().out
+    assert main(["train", "--print-config", "ohem.mode=topk"]) == 0
+    printed = capsys.readouterr().out
+    assert "mode: topk" in printed and "eval_every" in printed

@@ -9,7 +9,7 @@ from pathlib import Path
 from segohem import __version__
 from segohem.cli.commands import run_eval, run_hard_pixels, run_mine, run_predict, run_viz
 from segohem.cli.train import run_train
-from segohem.config import Config, ConfigError, load_config
+from segohem.config import Config, ConfigError, describe_config, load_config
 from segohem.data import SPLITS, dataset_error_message
 from segohem.engine.loop import BANK_FILE, TrainingDiverged
 from segohem.engine.run_folder import RunFolderBusy
@@ -82,8 +82,6 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         cfg = train_config(args)
         if args.print_config:
-            from segohem.config import describe_config
-
             print(describe_config(cfg))
             return 0
         run_train(cfg, resume_from=args.resume)
