@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from segohem.config import AugmentConfig, load_config
+from segohem.config import AugmentConfig, ConfigError, load_config
 from segohem.data import (
+    SPLITS,
     DatasetError,
     FolderDataset,
     SyntheticDataset,
@@ -203,6 +204,37 @@ def test_a_worker_error_gives_back_its_one_line_message(tmp_path):
     assert "img/a.png: corrupt or not an image" in str(direct.value)
 
 
+def test_the_test_split_reads_its_own_folders(tmp_path):
+    for split, value in (("train", 0), ("val", 1), ("test", 2)):
+        for folder in (split, f"{split}annot"):
+            (tmp_path / folder).mkdir()
+        cv2.imwrite(str(tmp_path / split / f"{split}.png"), np.zeros((4, 4, 3), np.uint8))
+        cv2.imwrite(str(tmp_path / f"{split}annot" / f"{split}.png"), np.full((4, 4), value, np.uint8))
+    cfg = load_config(None, ["data.kind=folder", f"data.root={tmp_path}", "data.class_names=[a, b, c]"])
+    assert SPLITS == ("train", "val", "test")
+    for value, split in enumerate(SPLITS):
+        ds = build_dataset(cfg.data, cfg.augment, split=split, train=False, seed=0)
+        assert ds.sample_id(0) == split and (ds.read(0)[1] == value).all()
+
+
+def test_unknown_or_absent_splits_say_what_to_set(tmp_path):
+    cfg = load_config(None, ["data.kind=folder", f"data.root={tmp_path}", "data.class_names=[a, b]"])
+    with pytest.raises(ConfigError, match=r"split 'tst' is unknown; valid splits: train, val, test"):
+        build_dataset(cfg.data, cfg.augment, split="tst", train=False, seed=0)
+    (tmp_path / "test").mkdir()
+    message = r"test split's label folder .*testannot does not exist; set data\.test_images and data\.test_masks"
+    with pytest.raises(DatasetError, match=message):
+        build_dataset(cfg.data, cfg.augment, split="test", train=False, seed=0)
+
+
+def test_synthetic_test_split_has_its_own_scenes():
+    cfg = load_config(None, ["data.num_val=3", "data.image_size=[32, 32]"])
+    val, test = (build_dataset(cfg.data, cfg.augment, split=s, train=False, seed=0) for s in ("val", "test"))
+    assert len(test) == len(val) == 3 and test.sample_id(0) == "synthetic-test-00000"
+    assert np.array_equal(test.read(0)[0], test.read(0)[0])
+    assert not any(np.array_equal(test.read(i)[0], val.read(i)[0]) for i in range(3))
+
+
 def test_crop_and_pad_fill_masks_with_ignore_never_class_zero():
     cfg = AugmentConfig(crop=[64, 64], hflip=0.0)
     image, mask = np.zeros((40, 50, 3), np.uint8), np.ones((40, 50), np.uint8)
@@ -242,3 +274,11 @@ def test_camvid_preset_reads_the_real_split(camvid_root):
     labels = set(sample["mask"].unique().tolist())
     assert labels <= set(range(11)) | {CAMVID.ignore_index}
     assert (sample["mask"][360:] == CAMVID.ignore_index).all()
+
+
+def test_camvid_without_a_test_folder_names_the_keys(camvid_root):
+    cfg = load_config(None, ["data.kind=camvid", f"data.root={camvid_root}"])
+    if (camvid_root / "test").is_dir():
+        pytest.skip(f"{camvid_root} has a test split")
+    with pytest.raises(DatasetError, match=r"camvid/test does not exist; set data\.test_images and data\.test_masks"):
+        build_dataset(cfg.data, cfg.augment, split="test", train=False, seed=0)

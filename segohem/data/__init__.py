@@ -1,13 +1,13 @@
 """Datasets, presets, augmentation pipelines, the image reader and batch collation."""
 
-from segohem.data.build import ClassInfo, build_dataset, class_info
+from segohem.data.build import SPLITS, ClassInfo, build_dataset, class_info
 from segohem.data.collate import collate_samples
 from segohem.data.datasets import FolderDataset, SegmentationDataset, SyntheticDataset
 from segohem.data.errors import DatasetError, dataset_error_message
 from segohem.data.io import IMAGE_SUFFIXES, display_path, read_image, read_mask
 
 __all__ = [
-    "IMAGE_SUFFIXES", "ClassInfo", "DatasetError", "FolderDataset", "SegmentationDataset", "SyntheticDataset",
-    "build_dataset", "class_info", "collate_samples", "dataset_error_message", "display_path", "read_image",
-    "read_mask",
+    "IMAGE_SUFFIXES", "SPLITS", "ClassInfo", "DatasetError", "FolderDataset", "SegmentationDataset",
+    "SyntheticDataset", "build_dataset", "class_info", "collate_samples", "dataset_error_message", "display_path",
+    "read_image", "read_mask",
 ]  # fmt: skip

@@ -6,9 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from segohem.config import AugmentConfig, ConfigError, DataConfig
-from segohem.data.datasets import FolderDataset, SegmentationDataset, SyntheticDataset
+from segohem.data.datasets import DatasetError, FolderDataset, SegmentationDataset, SyntheticDataset
+from segohem.data.io import display_path
 from segohem.data.presets import PRESETS
 from segohem.data.transforms import build_eval_transform, build_train_transform
+
+SPLITS = ("train", "val", "test")  # the splits build_dataset knows; data.<split>_images/_masks name their folders
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,12 @@ def class_info(cfg: DataConfig) -> ClassInfo:
 def build_dataset(
     data: DataConfig, augment: AugmentConfig, *, split: str, train: bool, seed: int
 ) -> SegmentationDataset:
-    """The dataset of ``split`` (train | val) with training or evaluation transforms."""
+    """The dataset of ``split`` (one of `SPLITS`) with training or evaluation transforms.
+
+    Synthetic data sizes its test split like its val split (``data.num_val``), with other scenes.
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"split '{split}' is unknown; valid splits: {', '.join(SPLITS)}")
     info = class_info(data)
     make = build_train_transform if train else build_eval_transform
     common = dict(
@@ -54,6 +62,23 @@ def build_dataset(
         length = data.num_train if split == "train" else data.num_val
         height, width = data.image_size
         return SyntheticDataset(split=split, length=length, image_size=(height, width), **common)  # type: ignore[arg-type]
-    images, masks = (data.train_images, data.train_masks) if split == "train" else (data.val_images, data.val_masks)
+    image_dir, mask_dir = split_folders(data, split=split)
+    return FolderDataset(image_dir, mask_dir, **common)  # type: ignore[arg-type]
+
+
+def split_folders(data: DataConfig, *, split: str) -> tuple[Path, Path]:
+    """The (image folder, label folder) of ``split`` under ``data.root``; DatasetError naming the keys if absent."""
+    names = {
+        "train": (data.train_images, data.train_masks),
+        "val": (data.val_images, data.val_masks),
+        "test": (data.test_images, data.test_masks),
+    }[split]
     root = Path(data.root)
-    return FolderDataset(root / images, root / masks, **common)  # type: ignore[arg-type]
+    for what, name in zip(("image", "label"), names, strict=True):
+        if not (root / name).is_dir():
+            raise DatasetError(
+                f"the {split} split's {what} folder {display_path(root / name)} does not exist; set "
+                f"data.{split}_images and data.{split}_masks to its image and label folders "
+                f"(relative to data.root={display_path(root)})"
+            )
+    return root / names[0], root / names[1]

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from segohem.data.errors import DatasetError
 from segohem.data.io import IMAGE_SUFFIXES, display_path, read_image, read_mask
-from segohem.data.synthetic import render_scene
+from segohem.data.synthetic import SPLIT_KEYS, render_scene
 
 __all__ = ["IMAGE_SUFFIXES", "DatasetError", "FolderDataset", "SegmentationDataset", "SyntheticDataset"]
 
@@ -175,6 +175,8 @@ class SyntheticDataset(SegmentationDataset):
         self, *, split: str, length: int, image_size: tuple[int, int], scene_seed: int = 0, **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
+        if split not in SPLIT_KEYS:
+            raise DatasetError(f"synthetic split '{split}' is unknown; valid splits: {', '.join(SPLIT_KEYS)}")
         self.split, self.length, self.image_size = split, length, image_size
         self.scene_seed = scene_seed  # fixed scenes; the run seed only drives augmentation
 

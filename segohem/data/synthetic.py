@@ -12,6 +12,8 @@ import numpy as np
 from segohem.data.presets import SYNTHETIC
 
 SKY, BUILDING, ROAD, CAR, POLE, SIGN, PERSON = range(7)
+# Each split draws its scenes from its own random stream, so test images differ from val images.
+SPLIT_KEYS = {"train": 0, "val": 1, "test": 2}
 
 
 def _jitter(rng: np.random.Generator, rgb: tuple[int, int, int], amount: int) -> np.ndarray:
@@ -20,8 +22,7 @@ def _jitter(rng: np.random.Generator, rgb: tuple[int, int, int], amount: int) ->
 
 def render_scene(*, seed: int, split: str, index: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Return (image (H, W, 3) uint8 RGB, mask (H, W) uint8) for one synthetic sample."""
-    split_key = {"train": 0, "val": 1}.get(split, 2)
-    rng = np.random.default_rng([seed, split_key, index])
+    rng = np.random.default_rng([seed, SPLIT_KEYS[split], index])
     image = np.zeros((height, width, 3), np.float32)
     mask = np.zeros((height, width), np.uint8)
     horizon = int(height * rng.uniform(0.35, 0.55))
