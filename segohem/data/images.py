@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from segohem.data.datasets import SegmentationDataset
-from segohem.data.io import read_image
+from segohem.data.io import display_path, read_image
 
 
 class ImageListDataset(SegmentationDataset):
@@ -25,7 +25,7 @@ class ImageListDataset(SegmentationDataset):
         return len(self.paths)
 
     def sample_id(self, index: int) -> str:
-        return self.paths[index].name
+        return display_path(self.paths[index].name)
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image = read_image(self.paths[index])
