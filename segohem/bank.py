@@ -145,13 +145,20 @@ class HardPixelBank:
         history.valid += class_valid.cpu().numpy()
 
     def state_dict(self) -> dict[str, Any]:
+        """A snapshot: its arrays are copies, so later updates leave a saved or pending checkpoint alone."""
         return {
             "num_classes": self.num_classes, "cell_size": self.cell_size, "momentum": self.momentum,
-            "samples": {k: vars(v).copy() for k, v in self.samples.items()},
-            "epochs": {k: vars(v).copy() for k, v in self.epochs.items()},
+            "samples": {k: _copied_fields(vars(v)) for k, v in self.samples.items()},
+            "epochs": {k: _copied_fields(vars(v)) for k, v in self.epochs.items()},
         }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take ``state``'s values as copies: updating this bank never changes the dict (or bank) it came from."""
         self.num_classes, self.cell_size, self.momentum = state["num_classes"], state["cell_size"], state["momentum"]
-        self.samples = {k: SampleStats(**v) for k, v in state["samples"].items()}
-        self.epochs = {int(k): EpochClassStats(**v) for k, v in state["epochs"].items()}
+        self.samples = {k: SampleStats(**_copied_fields(v)) for k, v in state["samples"].items()}
+        self.epochs = {int(k): EpochClassStats(**_copied_fields(v)) for k, v in state["epochs"].items()}
+
+
+def _copied_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a dataclass's fields with every array copied too."""
+    return {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in fields.items()}

@@ -106,6 +106,37 @@ def filled_bank():
     return bank
 
 
+def update_img1(bank):
+    """Every pixel of img1 hard, of class b, called a: confusion[1, 0] grows by 64."""
+    target = torch.ones(1, 8, 8, dtype=torch.long)
+    hard = torch.ones(1, 8, 8, dtype=torch.bool)
+    update(bank, hard=hard, loss=hard.float(), target=target, pred=target * 0, sample_ids=("img1",), epoch=0)
+
+
+def test_load_state_dict_copies_so_the_loaded_bank_and_its_source_stay_apart():
+    source = filled_bank()
+    state = source.state_dict()
+    confusion, hard_acc = source.samples["img1"].confusion.copy(), source.samples["img1"].hard_acc.copy()
+    epoch_hard = source.epochs[0].hard.copy()
+    loaded = HardPixelBank(1)
+    loaded.load_state_dict(state)
+    update_img1(loaded)
+    assert loaded.samples["img1"].confusion[1, 0] == confusion[1, 0] + 64  # the update did land
+    for arrays in (vars(source.samples["img1"]), state["samples"]["img1"]):
+        assert np.array_equal(arrays["confusion"], confusion) and np.array_equal(arrays["hard_acc"], hard_acc)
+    assert np.array_equal(source.epochs[0].hard, epoch_hard) and np.array_equal(state["epochs"][0]["hard"], epoch_hard)
+
+
+def test_state_dict_is_a_snapshot_that_later_updates_leave_alone():
+    bank = filled_bank()
+    state = bank.state_dict()
+    confusion, epoch_hard = state["samples"]["img1"]["confusion"].copy(), state["epochs"][0]["hard"].copy()
+    update_img1(bank)
+    assert bank.samples["img1"].confusion[1, 0] == confusion[1, 0] + 64
+    assert np.array_equal(state["samples"]["img1"]["confusion"], confusion)
+    assert np.array_equal(state["epochs"][0]["hard"], epoch_hard)
+
+
 def test_store_round_trip_and_queries(tmp_path):
     path = tmp_path / "bank.sqlite"
     bank = filled_bank()
