@@ -1,4 +1,7 @@
-"""Questions asked of a hard-pixel store: hardest images, most confused pairs, hardness per class."""
+"""Questions asked of a hard-pixel store: hardest images, most confused pairs, hardness per class.
+
+Every query opens the store read-only (`open_store`): asking never changes the file.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +11,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from segohem.bank_store import connect, read_meta
+from segohem.bank_store import open_store, read_meta
 
 
 def hardest_images(path: str | Path, *, class_name: str | None = None, top: int = 10) -> list[dict[str, Any]]:
     """Images ranked by score (EMA kept fraction x EMA hard loss), or by hard pixels of one class."""
     class_names = read_meta(path)["class_names"]
-    with connect(path) as db:
+    with open_store(path) as db:
         if class_name is None:
             rows = db.execute(
                 "SELECT sample_id, score, ema_kept_fraction, ema_hard_loss, hard_pixels, seen FROM samples "
@@ -35,7 +38,7 @@ def hardest_images(path: str | Path, *, class_name: str | None = None, top: int 
 def confused_pairs(path: str | Path, *, top: int = 10) -> list[dict[str, Any]]:
     """(true, predicted) class pairs with the most hard pixels, excluding correct-but-unsure ones."""
     class_names = read_meta(path)["class_names"]
-    with connect(path) as db:
+    with open_store(path) as db:
         rows = db.execute(
             "SELECT true_class, pred_class, SUM(pixels) AS n, COUNT(DISTINCT sample_id) FROM sample_confusion "
             "WHERE true_class != pred_class GROUP BY true_class, pred_class ORDER BY n DESC LIMIT ?", (top,)
@@ -45,7 +48,7 @@ def confused_pairs(path: str | Path, *, top: int = 10) -> list[dict[str, Any]]:
 
 def class_hardness(path: str | Path) -> list[dict[str, Any]]:
     """Per epoch and class: the fraction of the class's training pixels that were hard."""
-    with connect(path) as db:
+    with open_store(path) as db:
         rows = db.execute(
             "SELECT epoch, class_name, hard_pixels, valid_pixels, hard_fraction FROM epoch_classes "
             "ORDER BY epoch, class_id"

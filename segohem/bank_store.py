@@ -15,16 +15,21 @@ Schema (version 1); arrays are zlib-compressed blobs, everything else plain colu
 
     pandas.read_sql("SELECT * FROM samples ORDER BY score DESC", sqlite3.connect(path))
 
-Each save is one transaction: a kill at any moment leaves the previous state readable.
+Each save is one transaction: a kill at any moment leaves the previous state readable. Readers
+open the file read-only and turn every damaged or foreign file into one `StoreError` line.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import sqlite3
+import tempfile
+import warnings
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,7 @@ from segohem.bank import EpochClassStats, HardPixelBank, SampleStats
 
 SCHEMA_VERSION = 1
 LOSS_SCALE = 32.0  # loss map quantization: uint8 = round(log1p(loss) * LOSS_SCALE), loss up to ~2900
+TEMP_PREFIX = ".segohem-partial-"  # a store being rebuilt: <folder>/.segohem-partial-<store name>.<random>
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS samples(
@@ -50,11 +56,133 @@ CREATE TABLE IF NOT EXISTS mined(
     sample_id TEXT PRIMARY KEY, height INTEGER, width INTEGER, kept_fraction REAL, mean_hard_loss REAL,
     hard_mask BLOB, loss_map BLOB);
 """
+REPAIR_HINT = (
+    " (a run's hard_pixels.sqlite is rewritten from its checkpoint's bank when training resumes; "
+    "`segohem mine` builds a new store)"
+)
+FOREIGN_HINT = " (pass a store written by `segohem train` or `segohem mine`, or a run folder's hard_pixels.sqlite)"
+
+
+class StoreError(ValueError):
+    """A file that is not a readable hard-pixel store: one line naming the file, what is wrong and what would work.
+
+    ``reason`` is the part without the advice (what `check_store` returns).
+    """
+
+    def __init__(self, reason: str, advice: str = "") -> None:
+        super().__init__(reason + advice)
+        self.reason = reason
+
+
+def _schema_columns() -> dict[str, list[str]]:
+    """Table name -> column names, read off `SCHEMA` itself so that the check cannot drift from it."""
+    db = sqlite3.connect(":memory:")
+    try:
+        db.executescript(SCHEMA)
+        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY rowid")]
+        return {table: [row[1] for row in db.execute(f"PRAGMA table_info({table})")] for table in tables}
+    finally:
+        db.close()
+
+
+TABLES = _schema_columns()
+
+
+def _header_problem(path: Path) -> str | None:
+    """Why the file's first 100 bytes (the SQLite header) rule it out as a complete database, or None."""
+    size = path.stat().st_size
+    if size == 0:
+        return f"{path} is empty (0 bytes)"
+    with path.open("rb") as handle:
+        header = handle.read(100)
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+        return f"{path} is not an SQLite database"
+    page_size = int.from_bytes(header[16:18], "big")
+    expected = int.from_bytes(header[28:32], "big") * (65536 if page_size == 1 else page_size)
+    size_is_valid = header[24:28] == header[92:96]  # SQLite trusts the page count only then
+    wal = Path(f"{path}-wal")
+    pages_in_log = wal.is_file() and wal.stat().st_size > 0  # the log may hold pages the file does not yet
+    if size_is_valid and not pages_in_log and size < expected:
+        return f"{path} is truncated ({size} bytes; its header says {expected})"
+    return None
+
+
+def _structure_problem(path: Path, db: sqlite3.Connection) -> str | None:
+    """Why an SQLite database is not a hard-pixel store of this schema version, or None."""
+    present = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    missing = [table for table in TABLES if table not in present]
+    if missing:
+        return f"{path} is not a segohem hard-pixel store: it lacks the table(s) {', '.join(missing)}"
+    for table, columns in TABLES.items():
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if lacking := [column for column in columns if column not in have]:
+            return f"{path} is not a segohem hard-pixel store: its {table} table lacks {', '.join(lacking)}"
+    row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    if row is not None and row[0] != str(SCHEMA_VERSION):
+        return f"{path} has schema version {row[0]}; this segohem reads version {SCHEMA_VERSION}"
+    return None
+
+
+def _damaged(path: Path, err: sqlite3.Error) -> str:
+    return f"{path} is corrupt ({' '.join(str(err).split())})"
+
+
+@contextmanager
+def open_store(path: str | Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to the hard-pixel store at ``path``: querying never changes a byte of the file.
+
+    FileNotFoundError if there is no file; StoreError if it is damaged or not a store, checked up front
+    from its header and schema, and for any SQLite error the ``with`` block meets (a corrupt page).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no hard-pixel store at {path}")
+    if problem := _header_problem(path):
+        raise StoreError(problem, REPAIR_HINT)
+    try:  # as_uri() percent-quotes '?', '#', '%' and spaces, which would otherwise end or alter the path
+        db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as err:
+        raise StoreError(f"{path} cannot be opened read-only ({err})", REPAIR_HINT) from err
+    try:
+        if problem := _structure_problem(path, db):
+            raise StoreError(problem, FOREIGN_HINT)
+        yield db
+    except sqlite3.Error as err:
+        raise StoreError(_damaged(path, err), REPAIR_HINT) from err
+    finally:
+        db.close()
+
+
+def check_store(path: str | Path) -> str | None:
+    """None when ``path`` is a sound hard-pixel store (with or without a saved bank yet), else why not.
+
+    Runs SQLite's full quick_check, so it reads the whole file: meant for resume time and `save_bank`,
+    not for every query. The reason is one line and names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return f"{path} does not exist"
+    try:
+        with open_store(path) as db:
+            result = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+    except StoreError as err:
+        return err.reason
+    if result != "ok":
+        return f"{path} is corrupt (SQLite integrity check: {' '.join(str(result).split())})"
+    return None
 
 
 @contextmanager
 def connect(path: str | Path) -> Iterator[sqlite3.Connection]:
-    """A connection whose ``with`` block is one transaction (committed or rolled back whole)."""
+    """A writable connection whose ``with`` block is one transaction (committed or rolled back whole).
+
+    Creates the tables in a new or empty file; refuses with StoreError, before writing anything, a file
+    that is damaged or holds another schema, and turns a corrupt page met while writing into StoreError.
+    """
+    path = Path(path)
+    if path.is_file() and path.stat().st_size > 0:
+        with open_store(path):
+            pass
     connection = sqlite3.connect(str(path))
     try:
         connection.execute("PRAGMA journal_mode=WAL")
@@ -62,6 +190,10 @@ def connect(path: str | Path) -> Iterator[sqlite3.Connection]:
         connection.executescript(SCHEMA)
         with connection:
             yield connection
+    except sqlite3.DatabaseError as err:
+        if type(err) is not sqlite3.DatabaseError:  # locked, full disk, I/O: not the file's content
+            raise
+        raise StoreError(_damaged(path, err), REPAIR_HINT) from err
     finally:
         connection.close()
 
@@ -74,8 +206,8 @@ def unpack_array(blob: bytes, shape: tuple[int, int], dtype: str = "float16") ->
     return np.frombuffer(zlib.decompress(blob), dtype=dtype).reshape(shape).astype(np.float32)
 
 
-def save_bank(bank: HardPixelBank, path: str | Path, *, class_names: list[str] | tuple[str, ...], epoch: int) -> None:
-    """Replace the bank tables in ``path`` by ``bank``'s state, atomically (mined masks are kept)."""
+def _bank_rows(bank: HardPixelBank, *, class_names: list[str] | tuple[str, ...], epoch: int) -> dict[str, list[Any]]:
+    """The rows that hold ``bank``: table name -> rows (meta as (key, value) pairs)."""
     sample_rows, confusion_rows = [], []
     for sample_id, s in bank.samples.items():
         sample_rows.append((
@@ -95,32 +227,102 @@ def save_bank(bank: HardPixelBank, path: str | Path, *, class_names: list[str] |
         "schema_version": SCHEMA_VERSION, "class_names": json.dumps(list(class_names)),
         "num_classes": bank.num_classes, "cell_size": bank.cell_size, "momentum": bank.momentum, "epoch": epoch,
     }  # fmt: skip
-    with connect(path) as db:
-        for table in ("samples", "sample_confusion", "epoch_classes"):
-            db.execute(f"DELETE FROM {table}")
-        db.executemany("INSERT INTO samples VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", sample_rows)
-        db.executemany("INSERT INTO sample_confusion VALUES (?,?,?,?)", confusion_rows)
-        db.executemany("INSERT INTO epoch_classes VALUES (?,?,?,?,?,?)", epoch_rows)
-        db.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", [(k, str(v)) for k, v in meta.items()])
+    meta_rows = [(k, str(v)) for k, v in meta.items()]
+    return {"samples": sample_rows, "sample_confusion": confusion_rows, "epoch_classes": epoch_rows, "meta": meta_rows}
+
+
+def _write_bank(db: sqlite3.Connection, rows: dict[str, list[Any]]) -> None:
+    for table in ("samples", "sample_confusion", "epoch_classes"):
+        db.execute(f"DELETE FROM {table}")
+    db.executemany("INSERT INTO samples VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows["samples"])
+    db.executemany("INSERT INTO sample_confusion VALUES (?,?,?,?)", rows["sample_confusion"])
+    db.executemany("INSERT INTO epoch_classes VALUES (?,?,?,?,?,?)", rows["epoch_classes"])
+    db.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", rows["meta"])
+
+
+def _rebuild(path: Path, rows: dict[str, list[Any]]) -> None:
+    """Write a new store beside ``path`` and rename it over ``path``: a kill leaves the old file or the new."""
+    handle, temp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        db = sqlite3.connect(temp_name)
+        try:
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(SCHEMA)
+            with db:
+                _write_bank(db, rows)
+        finally:
+            db.close()
+        for suffix in ("-wal", "-shm", "-journal"):  # the old file's logs: SQLite would replay them into the new one
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        os.replace(temp_name, path)
+    finally:
+        Path(temp_name).unlink(missing_ok=True)
+    with suppress(OSError):  # make the rename itself durable where directories can be synced (POSIX)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete what a rebuild of ``path`` killed half-way left behind (its temp file and that file's journal)."""
+    for leftover in path.parent.glob(glob.escape(f"{TEMP_PREFIX}{path.name}.") + "*"):
+        leftover.unlink(missing_ok=True)
+
+
+def save_bank(bank: HardPixelBank, path: str | Path, *, class_names: list[str] | tuple[str, ...], epoch: int) -> None:
+    """Replace the bank tables in ``path`` by ``bank``'s state, atomically (mined masks are kept).
+
+    The store derives from the bank, so saving never fails on the file's content: a missing file is
+    created, and a damaged or foreign one is rebuilt from ``bank`` alone with a warning (its mined
+    masks are lost). Either way a kill leaves the previous file or the new one, never a mix.
+    """
+    path = Path(path)
+    _remove_stale_temps(path)
+    rows = _bank_rows(bank, class_names=class_names, epoch=epoch)
+    problem = check_store(path)
+    if problem is None:
+        try:
+            with connect(path) as db:
+                _write_bank(db, rows)
+            return
+        except StoreError as err:  # a corrupt page that quick_check did not reach
+            problem = err.reason
+    if path.exists():
+        warnings.warn(f"{problem}; rebuilding it from the hard-pixel bank in memory", stacklevel=2)
+    _rebuild(path, rows)
+
+
+@contextmanager
+def _decoding(path: Path) -> Iterator[None]:
+    """Turn a malformed value inside a well-formed database (a bad blob, a dangling id) into StoreError."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except (zlib.error, ValueError, KeyError, IndexError, TypeError) as err:
+        raise StoreError(f"{path} holds malformed data ({type(err).__name__}: {err})", REPAIR_HINT) from err
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no hard-pixel store at {path}")
-    with connect(path) as db:
+    """The store's meta table: schema_version, class_names (a list), num_classes, cell_size, momentum, epoch."""
+    with open_store(path) as db:
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
     if not meta:
-        raise FileNotFoundError(f"{path} holds no saved hard-pixel bank yet")
-    meta["class_names"] = json.loads(meta["class_names"])
+        raise StoreError(f"{path} holds no saved hard-pixel bank yet (only mined masks, if anything)")
+    with _decoding(Path(path)):
+        meta["class_names"] = json.loads(meta["class_names"])
     return meta
 
 
 def load_bank(path: str | Path) -> HardPixelBank:
     """Rebuild a bank (float16 precision maps) from a store written by `save_bank`."""
     meta = read_meta(path)
-    num_classes = int(meta["num_classes"])
-    bank = HardPixelBank(num_classes, cell_size=int(meta["cell_size"]), momentum=float(meta["momentum"]))
-    with connect(path) as db:
+    with open_store(path) as db, _decoding(Path(path)):
+        num_classes = int(meta["num_classes"])
+        bank = HardPixelBank(num_classes, cell_size=int(meta["cell_size"]), momentum=float(meta["momentum"]))
         for row in db.execute("SELECT sample_id, height, width, seen, ema_kept_fraction, ema_hard_loss, "
                               "last_epoch, grid_h, grid_w, hard_acc, seen_acc FROM samples"):  # fmt: skip
             sample_id, height, width, seen, kept, loss, last_epoch, grid_h, grid_w, hard_blob, seen_blob = row
@@ -156,13 +358,14 @@ def save_mined(path: str | Path, rows: list[tuple[str, np.ndarray, np.ndarray]])
 
 def load_mined(path: str | Path, sample_id: str) -> tuple[np.ndarray, np.ndarray]:
     """(hard_mask (H, W) bool, pixel_loss (H, W) float32, dequantized) of one mined sample."""
-    with connect(path) as db:
+    with open_store(path) as db:
         row = db.execute(
             "SELECT height, width, hard_mask, loss_map FROM mined WHERE sample_id=?", (sample_id,)
         ).fetchone()
     if row is None:
         raise KeyError(f"sample {sample_id!r} was not mined into {path}")
-    height, width, mask_blob, loss_blob = row
-    mask = np.unpackbits(np.frombuffer(zlib.decompress(mask_blob), np.uint8))[: height * width]
-    quantized = np.frombuffer(zlib.decompress(loss_blob), np.uint8).reshape(height, width)
-    return mask.reshape(height, width).astype(bool), np.expm1(quantized.astype(np.float32) / LOSS_SCALE)
+    with _decoding(Path(path)):
+        height, width, mask_blob, loss_blob = row
+        mask = np.unpackbits(np.frombuffer(zlib.decompress(mask_blob), np.uint8))[: height * width]
+        quantized = np.frombuffer(zlib.decompress(loss_blob), np.uint8).reshape(height, width)
+        return mask.reshape(height, width).astype(bool), np.expm1(quantized.astype(np.float32) / LOSS_SCALE)
