@@ -161,6 +161,7 @@ class ModelConfig:
     encoder_weights: str | None = setting(None, "null | smp weight set name | local state-dict path")
     encoder_depth: int = setting(5, "encoder stages used by the decoder", ge=1, le=5)
     refine_head: int = setting(0, "width of a small logit-correcting head on top of the model; 0: none", ge=0)
+    sync_bn: bool = setting(False, "under torchrun: batch-norm statistics over all processes (SyncBatchNorm, CUDA)")
 
 
 @dataclass
@@ -380,6 +381,13 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: what the YAML parser found wrong and where (line and column, 1-based)."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``'optim.lr=1e-4'`` -> ``('optim.lr', 0.0001)``; the value is parsed as YAML (1.2 floats)."""
     key, sep, raw = text.partition("=")
@@ -388,7 +396,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""  # a SafeLoader
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML: {err}") from err
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({yaml_problem(err)})") from err
     return key.strip(), value
 
 
@@ -406,7 +414,7 @@ def load_config(
         try:
             tree = yaml.load(text, Loader=_Loader) or {}  # a SafeLoader
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+            raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(err)}") from err
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
     for item in overrides or []:

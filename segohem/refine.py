@@ -14,6 +14,7 @@ from torch.utils.data import Dataset, Sampler
 
 from segohem.bank import HardPixelBank
 from segohem.data.datasets import SegmentationDataset
+from segohem.data.samplers import shard_by_batch
 
 SAMPLER_SCORES = ("none", "image", "class")
 
@@ -65,25 +66,32 @@ def class_weights_from_bank(bank: HardPixelBank, *, power: float) -> np.ndarray:
 class WeightedEpochSampler(Sampler[int]):
     """Draws ``len(weights)`` indices per epoch with replacement, in proportion to ``weights``.
 
-    Seeded from (seed, epoch) and identical on every rank (each rank takes every
-    world_size-th draw), so it is deterministic and DDP-consistent; the epoch length, and so
-    the LR schedule, is unchanged.
+    Seeded from (seed, epoch) and identical on every rank, sharded by `shard_by_batch`, so it
+    is deterministic and DDP-consistent; the epoch length, and so the LR schedule, is unchanged.
     """
 
-    def __init__(self, weights: np.ndarray, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, weights: np.ndarray, *, seed: int, batch_size: int = 1, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.weights = torch.as_tensor(weights, dtype=torch.float64)
-        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        self.seed, self.batch_size, self.rank, self.world_size, self.epoch = seed, batch_size, rank, world_size, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def order(self) -> list[int]:
+        """The whole epoch's draws, the same on every rank."""
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/weighted/{self.epoch}".encode()))
+        return torch.multinomial(self.weights, len(self.weights), replacement=True, generator=generator).tolist()
+
+    def _shard(self, order: list[int]) -> list[int]:
+        return shard_by_batch(order, rank=self.rank, world_size=self.world_size, batch_size=self.batch_size)
+
     def __len__(self) -> int:
-        return -(-len(self.weights) // self.world_size)
+        return len(self._shard(list(range(len(self.weights)))))
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/weighted/{self.epoch}".encode()))
-        draws = torch.multinomial(self.weights, len(self) * self.world_size, replacement=True, generator=generator)
-        return iter(draws.tolist()[self.rank :: self.world_size])
+        return iter(self._shard(self.order()))
 
 
 class BankDrivenDataset(Dataset[dict[str, Any]]):

@@ -20,7 +20,7 @@ from segohem.data import (
     read_mask,
 )  # fmt: skip
 from segohem.data.presets import CAMVID, SYNTHETIC
-from segohem.data.samplers import EpochShuffleSampler
+from segohem.data.samplers import EpochShuffleSampler, ShardSampler
 from segohem.data.transforms import build_eval_transform, build_train_transform
 
 
@@ -255,14 +255,35 @@ def test_augmentation_is_seeded_by_seed_epoch_and_index():
     assert not (ds[1]["mask"] == first).all()
 
 
-def test_sampler_is_a_seeded_permutation_per_epoch_and_splits_ranks():
-    sampler = EpochShuffleSampler(10, seed=3)
+def merge_shards(shards, batch_size):
+    """The global order N ranks saw together: block r of every global batch comes from rank r."""
+    batches = len(shards[0]) // batch_size
+    return [i for b in range(batches) for shard in shards for i in shard[b * batch_size : (b + 1) * batch_size]]
+
+
+def test_sampler_is_a_seeded_permutation_per_epoch():
+    sampler = EpochShuffleSampler(10, seed=3, batch_size=1)
     epoch0 = list(sampler)
     assert sorted(epoch0) == list(range(10)) and list(sampler) == epoch0
     sampler.set_epoch(1)
     assert list(sampler) != epoch0
-    ranks = [list(EpochShuffleSampler(10, seed=3, rank=r, world_size=3)) for r in range(3)]
-    assert all(len(r) == 4 for r in ranks) and {i for r in ranks for i in r} == set(range(10))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_get_disjoint_blocks_of_the_one_process_batches(world_size):
+    single = EpochShuffleSampler(13, seed=3, batch_size=2 * world_size)
+    shards = [list(EpochShuffleSampler(13, seed=3, batch_size=2, rank=r, world_size=world_size))
+              for r in range(world_size)]  # fmt: skip
+    assert all(len(shard) == len(shards[0]) for shard in shards)  # equal batch counts: no DDP hang
+    assert len({i for shard in shards for i in shard}) == sum(map(len, shards))  # disjoint
+    assert merge_shards(shards, 2) == list(single)  # the same batches as one process x world_size*2
+    with pytest.raises(ValueError, match="cannot fill one global batch"):
+        EpochShuffleSampler(3, seed=0, batch_size=2, rank=0, world_size=2)
+
+
+def test_shard_sampler_counts_every_sample_once():
+    shards = [list(ShardSampler(7, rank=r, world_size=3)) for r in range(3)]
+    assert sorted(i for shard in shards for i in shard) == list(range(7))
 
 
 def test_camvid_preset_reads_the_real_split(camvid_root):

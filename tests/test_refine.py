@@ -46,10 +46,9 @@ def test_weighted_sampler_is_deterministic_proportional_and_rank_consistent():
         counts.update(sampler)
     assert counts[3] / 2000 == pytest.approx(5 / 8, abs=0.03)
     assert counts[0] / 2000 == pytest.approx(1 / 8, abs=0.03)
-    ranks = [list(WeightedEpochSampler(weights, seed=1, rank=r, world_size=2)) for r in range(2)]
-    sampler.set_epoch(0)
+    ranks = [list(WeightedEpochSampler(weights, seed=1, batch_size=1, rank=r, world_size=2)) for r in range(2)]
     merged = [i for pair in zip(*ranks, strict=True) for i in pair]
-    assert sorted(merged) == sorted(WeightedEpochSampler(weights, seed=1).__iter__())
+    assert merged == list(WeightedEpochSampler(weights, seed=1, batch_size=2))  # one process, batch 2
 
 
 def hard_corner_bank():

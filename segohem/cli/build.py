@@ -14,13 +14,15 @@ from segohem.config import Config, ConfigError, RefineConfig
 from segohem.data import build_dataset, collate_samples
 from segohem.data.datasets import SegmentationDataset
 from segohem.data.samplers import EpochShuffleSampler
+from segohem.engine.distributed import get_rank, get_world_size
 from segohem.engine.loop import Loaders
 from segohem.engine.run import checkpoint_bank
 from segohem.refine import BankDrivenDataset, WeightedEpochSampler, image_weights
 
 
 def build_eval_loader(cfg: Config, *, split: str) -> DataLoader[Any]:
-    """The loader every evaluation-like pass uses (validation, eval, mine, viz): no augmentation, in order."""
+    """The loader every evaluation-like pass uses (validation, eval, mine, viz): no augmentation, in
+    order; under torchrun each process takes every N-th image, none twice."""
     dataset = build_dataset(cfg.data, cfg.augment, split=split, train=False, seed=cfg.run.seed)
     return DataLoader(
         dataset,
@@ -32,15 +34,20 @@ def build_eval_loader(cfg: Config, *, split: str) -> DataLoader[Any]:
 
 
 def build_loaders(cfg: Config, *, refine_bank: HardPixelBank | None = None) -> Loaders:
-    """Train and val loaders; a ``refine_bank`` drives the sampler, crops and pixel weights."""
+    """Train and val loaders; a ``refine_bank`` drives the sampler, crops and pixel weights.
+
+    ``data.batch_size`` is per process: under torchrun the global batch is N times larger
+    (the learning rate is not rescaled). The samplers drop an incomplete last global batch.
+    """
     base_set = build_dataset(cfg.data, cfg.augment, split="train", train=True, seed=cfg.run.seed)
     train_set: Dataset[Any] = base_set
-    sampler: Sampler[int] = EpochShuffleSampler(len(base_set), seed=cfg.run.seed)
+    shard = {"batch_size": cfg.data.batch_size, "rank": get_rank(), "world_size": get_world_size()}
+    sampler: Sampler[int] = EpochShuffleSampler(len(base_set), seed=cfg.run.seed, **shard)
     refine = cfg.refine
     if refine_bank is not None and refine.sampler != "none":
         sample_ids = [base_set.sample_id(i) for i in range(len(base_set))]
         weights = image_weights(refine_bank, sample_ids, score=refine.sampler, floor=refine.sampler_floor)
-        sampler = WeightedEpochSampler(weights, seed=cfg.run.seed)
+        sampler = WeightedEpochSampler(weights, seed=cfg.run.seed, **shard)
     if refine_bank is not None and (refine.hard_crop_prob > 0 or refine.pixel_weight > 0):
         train_set = BankDrivenDataset(
             base_set, refine_bank, hard_crop_prob=refine.hard_crop_prob, crop_scale=refine.crop_scale,
@@ -48,8 +55,7 @@ def build_loaders(cfg: Config, *, refine_bank: HardPixelBank | None = None) -> L
         )  # fmt: skip
     train_loader = DataLoader(
         train_set, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-        drop_last=len(base_set) >= cfg.data.batch_size, pin_memory=torch.cuda.is_available(),
-        collate_fn=collate_samples,
+        pin_memory=torch.cuda.is_available(), collate_fn=collate_samples,
     )  # fmt: skip
     return Loaders(train_loader, build_eval_loader(cfg, split="val"))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -13,18 +14,19 @@ from segohem.bank_store import check_store
 from segohem.cli.build import build_loaders, load_refine_bank
 from segohem.config import Config, ConfigError, config_to_dict, save_config
 from segohem.engine.checkpoint import load_checkpoint, remove_stale_temporaries
-from segohem.engine.distributed import is_main_process
+from segohem.engine.distributed import close_distributed, init_distributed, is_main_process
 from segohem.engine.loop import BANK_FILE, Loaders, fit, seed_everything
 from segohem.engine.run import Progress, TrainingRun
 from segohem.engine.run_folder import lock_run_folder
 from segohem.plots import save_run_plots
-from segohem.tracking import LocalLogger, MultiLogger
+from segohem.tracking import LocalLogger, Logger, MultiLogger, NullLogger
 from segohem.wandb_logger import WandbLogger
 
 
 def run_train(cfg: Config, *, resume_from: Path | None) -> Progress:
     """Build everything from ``cfg``, resume from ``resume_from/last.pt`` if given, and fit.
 
+    Under torchrun every process trains; only rank 0 locks and writes the run folder.
     ``config.yaml`` is written only once the run (and any checkpoint it continues from) has
     been built, so a failed start never changes a run folder's config.
     """
@@ -34,12 +36,31 @@ def run_train(cfg: Config, *, resume_from: Path | None) -> Progress:
         raise ConfigError(
             f"run folder {run_dir} already holds a run; resume it with --resume {run_dir} or pick another run.name=..."
         )
-    with lock_run_folder(run_dir):
+    launch = init_distributed(cfg.run.device)
+    try:
+        with lock_run_folder(run_dir) if launch.rank == 0 else nullcontext():
+            progress = _train(cfg, run_dir=run_dir, resume_from=resume_from)
+    finally:
+        close_distributed()
+    if launch.rank == 0:
+        print(
+            f"done in {time.perf_counter() - started:.0f}s: best val mIoU {100 * progress.best_miou:.2f} "
+            f"(epoch {progress.best_epoch}); run folder {run_dir}"
+        )
+    return progress
+
+
+def _train(cfg: Config, *, run_dir: Path, resume_from: Path | None) -> Progress:
+    main = is_main_process()
+    if main:
         for path in remove_stale_temporaries(run_dir):
             print(f"removed {path.name}, left by an interrupted checkpoint write")
-        seed_everything(cfg.run.seed)
-        torch.use_deterministic_algorithms(cfg.run.deterministic, warn_only=True)
-        run, loaders = _build_run(cfg, resume_from=resume_from)
+    seed_everything(cfg.run.seed)
+    torch.use_deterministic_algorithms(cfg.run.deterministic, warn_only=True)
+    run, loaders = _build_run(cfg, resume_from=resume_from)
+    run.wrap_for_training()
+    logger: Logger = NullLogger()
+    if main:
         save_config(cfg, run_dir / "config.yaml")
         logger = MultiLogger(
             LocalLogger(run_dir, resume_step=run.progress.step, resume_epoch=run.progress.epoch, classes=run.classes),
@@ -47,17 +68,13 @@ def run_train(cfg: Config, *, resume_from: Path | None) -> Progress:
                 cfg.wandb, run_dir=run_dir, run_name=cfg.run.name, config=config_to_dict(cfg), classes=run.classes
             ),
         )
-        try:
-            logger.log_config(config_to_dict(cfg))
-            progress = fit(run, loaders, run_dir=run_dir, logger=logger)
-            if is_main_process():
-                logger.log_plots(save_run_plots(run_dir))
-        finally:
-            logger.close()
-    print(
-        f"done in {time.perf_counter() - started:.0f}s: best val mIoU {100 * progress.best_miou:.2f} "
-        f"(epoch {progress.best_epoch}); run folder {run_dir}"
-    )
+    try:
+        logger.log_config(config_to_dict(cfg))
+        progress = fit(run, loaders, run_dir=run_dir, logger=logger)
+        if main:
+            logger.log_plots(save_run_plots(run_dir))
+    finally:
+        logger.close()
     return progress
 
 
@@ -67,10 +84,13 @@ def _build_run(cfg: Config, *, resume_from: Path | None) -> tuple[TrainingRun, L
         store = resume_from / BANK_FILE
         problem = check_store(store) if store.exists() else None
         if problem:
-            warnings.warn(f"{store}: {problem}; it will be rebuilt from the checkpoint's dictionary", stacklevel=2)
+            warnings.warn(f"{problem}; it will be rebuilt from the checkpoint's dictionary", stacklevel=2)
         loaders = build_loaders(cfg)
         run = TrainingRun.resume(cfg, resume_from / "last.pt", steps_per_epoch=_steps_per_epoch(cfg, loaders))
-        print(f"continuing from {resume_from / 'last.pt'} after epoch {run.progress.epoch} (step {run.progress.step})")
+        if is_main_process():
+            print(
+                f"continuing from {resume_from / 'last.pt'} after epoch {run.progress.epoch} (step {run.progress.step})"
+            )
     elif cfg.refine.init:
         init = Path(cfg.refine.init)
         checkpoint = load_checkpoint(init)
@@ -78,7 +98,8 @@ def _build_run(cfg: Config, *, resume_from: Path | None) -> tuple[TrainingRun, L
         loaders = build_loaders(cfg, refine_bank=refine_bank)
         run = TrainingRun.refine_from(cfg, checkpoint, source=init, bank=refine_bank,
                                       steps_per_epoch=_steps_per_epoch(cfg, loaders))  # fmt: skip
-        print(f"refining from {init} after epoch {run.progress.epoch} (step {run.progress.step})")
+        if is_main_process():
+            print(f"refining from {init} after epoch {run.progress.epoch} (step {run.progress.step})")
     else:
         loaders = build_loaders(cfg)
         run = TrainingRun.create(cfg, steps_per_epoch=_steps_per_epoch(cfg, loaders))

@@ -21,7 +21,7 @@ from segohem.bank_store import save_bank
 from segohem.data import ClassInfo
 from segohem.data.datasets import SegmentationDataset
 from segohem.engine.checkpoint import save_checkpoint
-from segohem.engine.distributed import is_main_process
+from segohem.engine.distributed import all_reduce_device, get_world_size, is_main_process, sync_bank
 from segohem.engine.panels import bank_rows, fixed_indices, prediction_panels
 from segohem.engine.run import Progress, TrainingRun
 from segohem.metrics import ConfusionMatrix, format_table
@@ -69,6 +69,18 @@ class _Group(NamedTuple):
     thresholds: list[torch.Tensor]
 
 
+def _step_means(group: _Group) -> tuple[float, float, float]:
+    """Loss, kept fraction and threshold of one optimizer step, averaged over micro-batches and
+    ranks (one small all-reduce under DDP, then one host sync)."""
+    means = torch.stack([torch.stack(values).mean().float() for values in group])
+    if get_world_size() > 1:
+        means = means.to(all_reduce_device())
+        torch.distributed.all_reduce(means)
+        means /= get_world_size()
+    loss, kept, threshold = means.tolist()
+    return loss, kept, threshold
+
+
 def _optimizer_step(run: TrainingRun, *, group_finite: bool) -> bool:
     """Clip, check and take one optimizer step; returns False when it was skipped as non-finite.
 
@@ -110,7 +122,8 @@ def train_one_epoch(run: TrainingRun, loader: DataLoader[Any], *, logger: Logger
     an epoch may be smaller and is averaged over its own size). Returns epoch means.
     """
     train_cfg, accumulate, device = run.config.train, run.config.optim.accumulate, run.device
-    run.model.train()
+    model = run.train_model or run.model
+    model.train()
     num_batches = len(loader)
     bar = tqdm(loader, desc=f"epoch {run.progress.epoch + 1}", leave=False,
                disable=not (train_cfg.progress and is_main_process()))  # fmt: skip
@@ -120,10 +133,12 @@ def train_one_epoch(run: TrainingRun, loader: DataLoader[Any], *, logger: Logger
     for batch_index, batch in enumerate(bar):
         group_start = batch_index - batch_index % accumulate
         group_size = min(accumulate, num_batches - group_start)
+        if batch_index == group_start:  # batch-norm statistics to restore if this step is skipped
+            saved_buffers = [buffer.detach().clone() for buffer in run.model.buffers()]
         images = batch["image"].to(device, non_blocking=True)
         masks = batch["mask"].to(device, non_blocking=True)
         with autocast_context(device, train_cfg.amp):
-            logits = run.model(images)
+            logits = model(images)
         pixel_weight = batch["pixel_weight"].to(device) if "pixel_weight" in batch else None
         result = run.loss_fn(logits, masks, step=run.progress.step, pixel_weight=pixel_weight)
         run.scaler.scale(result.loss / group_size).backward()
@@ -143,13 +158,16 @@ def train_one_epoch(run: TrainingRun, loader: DataLoader[Any], *, logger: Logger
         if batch_index + 1 < group_start + group_size:
             continue
         if not _optimizer_step(run, group_finite=group_finite):
+            with torch.no_grad():  # the forward passes already moved them, maybe to NaN
+                for buffer, saved in zip(run.model.buffers(), saved_buffers, strict=True):
+                    buffer.copy_(saved)
             streak = _count_bad_step(run, streak + 1)
             group, group_finite = _Group([], [], []), True
             continue
         streak = 0
         run.scheduler.step()
         run.progress.step += 1
-        loss_value, kept, threshold = (float(torch.stack(values).mean()) for values in group)  # host sync
+        loss_value, kept, threshold = _step_means(group)
         group, group_finite = _Group([], [], []), True
         totals["loss"] += loss_value
         totals["kept_fraction"] += kept
@@ -225,7 +243,6 @@ def save_epoch(run: TrainingRun, *, run_dir: Path, record: dict[str, float], imp
     """Write the store, then best.pt, then last.pt: after a kill at any point, last.pt never
     records a best epoch whose best.pt was not written, and resuming redoes what is missing."""
     progress, bank = run.progress, run.bank
-    check_finite_weights(run.model, epoch=progress.epoch)
     checkpoint = run.state_dict(metrics=record)
     if bank is not None:  # the store first: a checkpoint never points past its dictionary
         save_bank(bank, run_dir / BANK_FILE, class_names=run.classes.names, epoch=progress.epoch)
@@ -259,6 +276,8 @@ def fit(run: TrainingRun, loaders: Loaders, *, run_dir: Path, logger: Logger) ->
         train_stats = train_one_epoch(run, loaders.train, logger=logger)
         train_stats["train/epoch_seconds"] = time.perf_counter() - started
         progress = run.progress
+        if run.bank is not None:
+            sync_bank(run.bank, epoch=epoch)
         progress.epoch += 1
         stopping = bool(train_cfg.max_steps and progress.step >= train_cfg.max_steps)
         final = stopping or progress.epoch == train_cfg.epochs
@@ -279,6 +298,7 @@ def fit(run: TrainingRun, loaders: Loaders, *, run_dir: Path, logger: Logger) ->
         logger.log_epoch(record, epoch=progress.epoch, step=progress.step)
         if val is not None and is_main_process():
             logger.log_visuals(epoch_visuals(run, loaders, val["confusion"]), epoch=progress.epoch, step=progress.step)
+        check_finite_weights(run.model, epoch=progress.epoch)  # on every rank: all stop together
         if is_main_process():
             save_epoch(run, run_dir=run_dir, record=record, improved=improved, final=final, logger=logger)
         if stopping:

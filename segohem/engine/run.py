@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from segohem.engine.checkpoint import (
     load_checkpoint,
     restore_rng_state,
 )
+from segohem.engine.distributed import get_world_size, launched_by_torchrun
 from segohem.engine.optim import build_optimizer, build_scheduler, load_optimizer_state
 from segohem.model import build_model, load_model_state
 from segohem.ohem import OhemCrossEntropy
@@ -50,11 +52,12 @@ class Progress:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``run.device`` as a device; under torchrun, ``auto``/``cuda`` mean this process's GPU."""
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"run.device={name} but CUDA is not available; use run.device=cpu")
-    return torch.device(name)
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if launched_by_torchrun() else "cuda")
+    return torch.device("cpu" if name == "auto" else name)
 
 
 def build_loss(cfg: Config, *, refine_bank: HardPixelBank | None = None) -> OhemCrossEntropy:
@@ -99,6 +102,18 @@ class TrainingRun:
     scaler: torch.amp.GradScaler
     bank: HardPixelBank | None
     progress: Progress = field(default_factory=Progress)
+    train_model: nn.Module | None = None  # the model as trained: DistributedDataParallel under torchrun
+
+    def wrap_for_training(self) -> None:
+        """Under torchrun, wrap the model in DistributedDataParallel (SyncBatchNorm first if
+        ``model.sync_bn``); alone, train the model itself. Checkpoints always hold ``model``."""
+        if get_world_size() == 1:
+            self.train_model = self.model
+            return
+        if self.config.model.sync_bn:  # the new modules keep the same Parameter objects
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
 
     @classmethod
     def create(
@@ -200,12 +215,24 @@ class TrainingRun:
         except ValueError as err:
             raise CheckpointError(f"checkpoint {source}: {err} (was optim.name changed?)") from err
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_configured_lr()
         self.scaler.load_state_dict(state["scaler"])
         known = {f.name for f in fields(Progress)}
         self.progress = Progress(**{k: v for k, v in state["progress"].items() if k in known})
         restore_rng_state(state["rng"])
         if self.bank is not None and state.get("bank"):
             self.bank.load_state_dict(decode_arrays(state["bank"]))
+
+    def _apply_configured_lr(self) -> None:
+        """Continue the restored schedule from the configured ``optim.lr``: a resumed run given
+        ``optim.lr=...`` trains at the new rate (the schedule otherwise keeps the saved base rate)."""
+        scheduler = self.scheduler
+        assert isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
+        scheduler.base_lrs = [self.config.optim.lr for _ in self.optimizer.param_groups]
+        for group, factor in zip(self.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+            group["initial_lr"] = self.config.optim.lr
+            group["lr"] = self.config.optim.lr * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what get_last_lr reports
 
 
 def checkpoint_bank(checkpoint: dict[str, Any], *, source: Path) -> HardPixelBank | None:
