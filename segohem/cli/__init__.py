@@ -1,5 +1,13 @@
 """The `segohem` command: the one place that wires data, model, loss, loggers and the engine."""
 
+import os
+
+# Before torch is imported: OpenMP threads that wait passively instead of spinning. On a
+# machine whose cores are shared (CI, laptops, a second job), spinning threads made an epoch
+# up to 8x slower (38 s against 4.8 s measured with one competing process); passive waits
+# cost nothing measurable when the cores are free. An explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from segohem.cli.main import main
 from segohem.cli.train import run_train
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import random
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -104,9 +106,29 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     return stale
 
 
+def _pickled_globals(path: Path) -> list[str]:
+    """The classes and functions a plain pickle file names, read without running it (pickletools)."""
+    strings: list[str] = []
+    names: list[str] = []
+    try:
+        for opcode, arg, _ in pickletools.genops(path.read_bytes()):
+            if isinstance(arg, str):
+                strings.append(arg)
+            if opcode.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+    except (ValueError, EOFError, OSError):
+        return names
+    return names
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``; any failure is one `CheckpointError` naming the file."""
     path = Path(path)
+    if path.is_dir():
+        hint = " or ".join(str(path / name) for name in ("best.pt", "last.pt") if (path / name).is_file())
+        raise CheckpointError(f"{path} is a folder, not a checkpoint" + (f"; pass {hint}" if hint else ""))
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     if path.stat().st_size == 0:
@@ -114,9 +136,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        refused = re.search(r"Unsupported global: (GLOBAL )?(\S+)", str(err))
+        names = [refused.group(2)] if refused else _pickled_globals(path)
+        if not names:  # not a pickle at all
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupt: it cannot be unpickled") from err
         raise CheckpointError(
-            f"checkpoint {path} holds objects that safe loading refuses (it was not written by this version "
-            f"of segohem, or was tampered with); it was not loaded: {str(err).splitlines()[0][:300]}"
+            f"checkpoint {path} holds objects that safe loading refuses ({', '.join(names[:3])}): it was not "
+            f"written by this version of segohem, or was tampered with; it was not loaded"
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {str(err).splitlines()[0][:200]}") from err
