@@ -28,6 +28,7 @@ RefineSampler = Literal["none", "image", "class"]
 OptimizerName = Literal["adamw", "sgd"]
 AmpMode = Literal["none", "bf16", "fp16"]
 WandbMode = Literal["auto", "online", "offline", "disabled"]
+EvalMode = Literal["whole", "slide"]
 
 
 class ConfigError(ValueError):
@@ -100,6 +101,10 @@ def _low_high(value: list[float]) -> str | None:
 def _rgb_triples(value: list[list[int]]) -> str | None:
     ok = all(len(rgb) == 3 and all(0 <= c <= 255 for c in rgb) for rgb in value)
     return None if ok else "needs one [R, G, B] per class, each in 0..255"
+
+
+def _non_empty(value: list[Any]) -> str | None:
+    return None if value else "is empty; give at least one value, e.g. [1.0]"
 
 
 @dataclass
@@ -246,6 +251,8 @@ class TrainConfig:
     epochs: int = setting(8, "passes over the train split", ge=1)
     max_steps: int = setting(0, "stop after this many optimizer steps in total; 0: no limit", ge=0)
     amp: AmpMode = setting("none", "none | bf16 | fp16 (CUDA only; ignored with a warning on CPU)")
+    channels_last: bool = setting(False, "model and inputs in channels-last memory format (faster GPU convolutions)")
+    compile: bool = setting(False, "torch.compile the model for training (first steps are slow while it compiles)")
     eval_every: int = setting(1, "epochs between evaluations", ge=1)
     log_every: int = setting(10, "steps between metric log lines", ge=1)
     progress: bool = setting(True, "show progress bars")
@@ -255,6 +262,22 @@ class TrainConfig:
     max_nonfinite_steps: int = setting(
         5, "stop (exit status 3) after this many non-finite steps in a row; each is skipped", ge=1
     )
+
+
+@dataclass
+class EvalConfig:
+    """How validation, eval, predict, mine and the panels compute logits (segohem.engine.inference)."""
+
+    mode: EvalMode = setting("whole", "whole (the padded image in one pass) | slide (crop windows every stride)")
+    crop: list[int] = setting([], "slide: [H, W] of each window (required for slide)", lengths=(0, 2), ge=1)
+    stride: list[int] = setting(
+        [], "slide: [H, W] between windows, <= crop; overlaps are averaged (required for slide)", lengths=(0, 2), ge=1
+    )
+    flip: bool = setting(False, "also infer the horizontally flipped image; probabilities are averaged")
+    scales: list[float] = setting(
+        [1.0], "infer the image resized by each scale; probabilities are averaged", gt=0.0, check=_non_empty
+    )
+    batch_windows: int = setting(4, "slide: windows per forward pass", ge=1)
 
 
 @dataclass
@@ -269,6 +292,7 @@ class Config:
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
 class _Loader(yaml.SafeLoader):
@@ -461,4 +485,22 @@ def validate(config: Config) -> None:
     if optim.min_lr > optim.lr:
         raise ConfigError(
             f"optim.min_lr: {optim.min_lr} is above optim.lr={optim.lr}; use a min_lr <= lr (the end of the decay)"
+        )
+    _validate_eval(config.eval)
+
+
+def _validate_eval(cfg: EvalConfig) -> None:
+    """Slide inference needs a window and a stride that leaves no pixel uncovered."""
+    if cfg.mode != "slide":
+        return
+    for key in ("crop", "stride"):
+        if not getattr(cfg, key):
+            raise ConfigError(
+                f"eval.{key} is required for eval.mode=slide; set [H, W], e.g. eval.crop=[512,1024] "
+                f"eval.stride=[341,682]"
+            )
+    if any(step > size for step, size in zip(cfg.stride, cfg.crop, strict=True)):
+        raise ConfigError(
+            f"eval.stride: {cfg.stride} is larger than eval.crop={cfg.crop}, which leaves pixels no window covers; "
+            f"use a stride <= crop in each dimension (e.g. two thirds of the crop)"
         )

@@ -201,3 +201,13 @@ def test_loaded_bank_does_not_share_arrays_with_the_checkpoint(tmp_path):
 def test_save_checkpoint_round_trips_plain_state(tmp_path):
     save_checkpoint({"format": CHECKPOINT_FORMAT, "value": torch.arange(3)}, tmp_path / "x.pt")
     assert torch.equal(load_checkpoint(tmp_path / "x.pt")["value"], torch.arange(3))
+
+
+def test_channels_last_training_matches_the_default_layout(tmp_path):
+    default = run_train(tiny_config(tmp_path, "run.name=a", "train.max_steps=1", "train.epochs=1"), resume_from=None)
+    last = run_train(tiny_config(tmp_path, "run.name=b", "train.max_steps=1", "train.epochs=1",
+                                 "train.channels_last=true"), resume_from=None)  # fmt: skip
+    weights = load_checkpoint(tmp_path / "b" / "last.pt")["model"]
+    reference = load_checkpoint(tmp_path / "a" / "last.pt")["model"]
+    assert all(torch.allclose(weights[k].float(), reference[k].float(), atol=1e-4) for k in reference)
+    assert default.step == last.step == 1

@@ -53,6 +53,8 @@ def build_loaders(cfg: Config, *, refine_bank: HardPixelBank | None = None) -> L
             base_set, refine_bank, hard_crop_prob=refine.hard_crop_prob, crop_scale=refine.crop_scale,
             sharpness=refine.crop_sharpness, pixel_weight=refine.pixel_weight,
         )  # fmt: skip
+    # Training workers are not persistent: each epoch's workers must see the dataset's new
+    # epoch (set_epoch seeds augmentation and hard crops), which a kept worker's copy would not.
     train_loader = DataLoader(
         train_set, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
         pin_memory=torch.cuda.is_available(), collate_fn=collate_samples,

@@ -18,10 +18,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from segohem.bank_store import save_bank
+from segohem.config import EvalConfig
 from segohem.data import ClassInfo
 from segohem.data.datasets import SegmentationDataset
 from segohem.engine.checkpoint import save_checkpoint
 from segohem.engine.distributed import all_reduce_device, get_world_size, is_main_process, sync_bank
+from segohem.engine.inference import eval_logits, valid_sizes, working_size_of
 from segohem.engine.panels import bank_rows, fixed_indices, prediction_panels
 from segohem.engine.run import Progress, TrainingRun
 from segohem.metrics import ConfusionMatrix, format_table
@@ -124,6 +126,7 @@ def train_one_epoch(run: TrainingRun, loader: DataLoader[Any], *, logger: Logger
     train_cfg, accumulate, device = run.config.train, run.config.optim.accumulate, run.device
     model = run.train_model or run.model
     model.train()
+    memory_format = torch.channels_last if train_cfg.channels_last else torch.preserve_format
     num_batches = len(loader)
     bar = tqdm(loader, desc=f"epoch {run.progress.epoch + 1}", leave=False,
                disable=not (train_cfg.progress and is_main_process()))  # fmt: skip
@@ -135,7 +138,7 @@ def train_one_epoch(run: TrainingRun, loader: DataLoader[Any], *, logger: Logger
         group_size = min(accumulate, num_batches - group_start)
         if batch_index == group_start:  # batch-norm statistics to restore if this step is skipped
             saved_buffers = [buffer.detach().clone() for buffer in run.model.buffers()]
-        images = batch["image"].to(device, non_blocking=True)
+        images = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
         masks = batch["mask"].to(device, non_blocking=True)
         with autocast_context(device, train_cfg.amp):
             logits = model(images)
@@ -191,15 +194,24 @@ def train_one_epoch(run: TrainingRun, loader: DataLoader[Any], *, logger: Logger
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loader: Iterable[dict[str, Any]], *, device: torch.device, classes: ClassInfo,
+    eval_cfg: EvalConfig | None = None, pad_divisor: int = 1, working_size: tuple[int, int] | None = None,
     amp: str = "none", progress: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """Confusion-matrix metrics over ``loader`` (see `ConfusionMatrix.compute`)."""
+    """Confusion-matrix metrics over ``loader`` (see `ConfusionMatrix.compute`).
+
+    Logits come from `eval_logits` with ``eval_cfg`` (None: whole padded images), model inputs
+    padded to ``pad_divisor`` (``augment.pad_divisor``); ``working_size`` is ``data.resize``
+    (None: each image keeps its own size), which tells where each padded image ends.
+    """
     model.eval()
+    eval_cfg = eval_cfg or EvalConfig()
     confusion = ConfusionMatrix(classes.num_classes, ignore_index=classes.ignore_index)
     for batch in tqdm(loader, desc="eval", disable=not (progress and is_main_process()), leave=False):
         images = batch["image"].to(device, non_blocking=True)
+        valid_hw = valid_sizes(batch["source_hw"], working_size)
         with autocast_context(device, amp):
-            logits = model(images)
+            logits = eval_logits(model, images, cfg=eval_cfg, num_classes=classes.num_classes,
+                                 size_divisor=pad_divisor, valid_hw=valid_hw)  # fmt: skip
         confusion.update(logits.argmax(1), batch["mask"].to(device))
     confusion.all_reduce()
     return confusion.compute()
@@ -220,7 +232,8 @@ def epoch_visuals(run: TrainingRun, loaders: Loaders, confusion: list[list[int]]
     if train_cfg.num_panels > 0 and isinstance(val_set, SegmentationDataset):
         indices = fixed_indices(len(val_set), num=train_cfg.num_panels, seed=run.config.run.seed)
         panels = prediction_panels(model=run.model, dataset=val_set, indices=indices, loss_fn=run.loss_fn,
-                                   device=run.device)  # fmt: skip
+                                   device=run.device, eval_cfg=run.config.eval,
+                                   pad_divisor=run.config.augment.pad_divisor)  # fmt: skip
     train_set = getattr(loaders.train.dataset, "base", loaders.train.dataset)
     rows = []
     if run.bank is not None and train_cfg.num_bank_rows > 0 and isinstance(train_set, SegmentationDataset):
@@ -283,7 +296,9 @@ def fit(run: TrainingRun, loaders: Loaders, *, run_dir: Path, logger: Logger) ->
         final = stopping or progress.epoch == train_cfg.epochs
         val = None
         if progress.epoch % train_cfg.eval_every == 0 or final:
-            val = evaluate(run.model, loaders.val, device=run.device, classes=run.classes, amp=train_cfg.amp,
+            val = evaluate(run.model, loaders.val, device=run.device, classes=run.classes, eval_cfg=run.config.eval,
+                           pad_divisor=run.config.augment.pad_divisor,
+                           working_size=working_size_of(run.config.data), amp=train_cfg.amp,
                            progress=progress_bar)  # fmt: skip
             if is_main_process():
                 tqdm.write(

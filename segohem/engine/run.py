@@ -106,14 +106,17 @@ class TrainingRun:
 
     def wrap_for_training(self) -> None:
         """Under torchrun, wrap the model in DistributedDataParallel (SyncBatchNorm first if
-        ``model.sync_bn``); alone, train the model itself. Checkpoints always hold ``model``."""
-        if get_world_size() == 1:
-            self.train_model = self.model
-            return
-        if self.config.model.sync_bn:  # the new modules keep the same Parameter objects
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        ``model.sync_bn``); with ``train.compile``, compile what is trained. Checkpoints and
+        evaluation always use ``model`` itself."""
+        train_model = self.model
+        if get_world_size() > 1:
+            if self.config.model.sync_bn:  # the new modules keep the same Parameter objects
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        if self.config.train.compile:  # compiled around DDP, as torch's DDPOptimizer expects
+            train_model = torch.compile(train_model)  # type: ignore[assignment]
+        self.train_model = train_model
 
     @classmethod
     def create(
@@ -128,6 +131,8 @@ class TrainingRun:
         info = class_info(cfg.data)
         model_cfg = cfg.model if pretrained else dataclasses.replace(cfg.model, encoder_weights=None)
         model = build_model(model_cfg, num_classes=info.num_classes).to(device)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(model, cfg.optim)
         total_steps = steps_per_epoch * cfg.train.epochs
         if cfg.train.max_steps:
