@@ -20,6 +20,7 @@ from segohem.cli.build import build_eval_loader, eval_dataset
 from segohem.data import IMAGE_SUFFIXES, DatasetError, display_path
 from segohem.data.images import ImageListDataset
 from segohem.data.transforms import build_eval_transform
+from segohem.engine.inference import eval_logits, working_size_of
 from segohem.engine.loop import BANK_FILE, autocast_context, evaluate
 from segohem.engine.mine import mine_split
 from segohem.engine.run import TrainingRun
@@ -33,8 +34,10 @@ def run_eval(checkpoint: Path, *, split: str, overrides: list[str], output: Path
     run, _ = TrainingRun.for_inference(checkpoint, overrides)
     loader = build_eval_loader(run.config, split=split)
     started = time.perf_counter()
-    metrics = evaluate(run.model, loader, device=run.device, classes=run.classes, amp=run.config.train.amp,
-                       progress=run.config.train.progress)  # fmt: skip
+    cfg = run.config
+    metrics = evaluate(run.model, loader, device=run.device, classes=run.classes, eval_cfg=cfg.eval,
+                       pad_divisor=cfg.augment.pad_divisor, working_size=working_size_of(cfg.data),
+                       amp=cfg.train.amp, progress=cfg.train.progress)  # fmt: skip
     seconds = time.perf_counter() - started
     count = len(eval_dataset(loader))
     print(f"{checkpoint} on {split}: {count} images in {seconds:.1f}s ({count / seconds:.1f} images/s)")
@@ -105,13 +108,18 @@ def _predict_labels(run: TrainingRun, sample: dict[str, Any], *, size: tuple[int
     """(H0, W0) class ids at the image's original size for one preprocessed sample.
 
     ``size``: the (H, W) the image was resized to (``data.resize``), None when kept; the
-    padding added after it is cropped off before resizing back.
+    padding added after it is cropped off before resizing back. Logits as in evaluation
+    (`eval_logits` with the ``eval`` section).
     """
     source_height, source_width = sample["source_hw"].tolist()
     height, width = size or (source_height, source_width)
-    with autocast_context(run.device, run.config.train.amp):
-        logits = run.model(sample["image"][None].to(run.device))[:, :, :height, :width]
-    labels = logits.argmax(1)[0].cpu().numpy().astype(np.uint8 if run.classes.num_classes <= 256 else np.uint16)
+    cfg = run.config
+    with autocast_context(run.device, cfg.train.amp):
+        logits = eval_logits(run.model, sample["image"][None].to(run.device), cfg=cfg.eval,
+                             num_classes=run.classes.num_classes, size_divisor=cfg.augment.pad_divisor,
+                             valid_hw=[(height, width)])[:, :, :height, :width]  # fmt: skip
+    label_dtype = np.uint8 if run.classes.num_classes <= 256 else np.uint16
+    labels: np.ndarray = logits.argmax(1)[0].cpu().numpy().astype(label_dtype)
     return cv2.resize(labels, (source_width, source_height), interpolation=cv2.INTER_NEAREST)
 
 
@@ -132,8 +140,8 @@ def run_mine(checkpoint: Path, *, split: str, output: Path | None, overrides: li
     bank = HardPixelBank(info.num_classes, cell_size=cfg.bank.cell_size, momentum=cfg.bank.momentum)
     started = time.perf_counter()
     count = mine_split(
-        model=run.model, loader=loader, loss_fn=run.loss_fn, device=run.device, bank=bank,
-        store_path=output, working_size=tuple(cfg.data.resize) if cfg.data.resize else None,  # type: ignore[arg-type]
+        model=run.model, loader=loader, loss_fn=run.loss_fn, device=run.device, bank=bank, store_path=output,
+        working_size=working_size_of(cfg.data), eval_cfg=cfg.eval, pad_divisor=cfg.augment.pad_divisor,
         amp=cfg.train.amp, progress=cfg.train.progress,
     )  # fmt: skip
     save_bank(bank, output, class_names=info.names, epoch=int(meta["progress"]["epoch"]))

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from segohem.bank import HardPixelBank
+from segohem.config import EvalConfig
 from segohem.data.datasets import SegmentationDataset
+from segohem.engine.inference import eval_logits
 from segohem.ohem import OhemCrossEntropy
 from segohem.visualize import BankRow, PredictionPanel
 
@@ -25,16 +27,23 @@ def fixed_indices(length: int, *, num: int, seed: int) -> list[int]:
 @torch.no_grad()
 def prediction_panels(
     *, model: nn.Module, dataset: SegmentationDataset, indices: list[int], loss_fn: OhemCrossEntropy,
-    device: torch.device,
+    device: torch.device, eval_cfg: EvalConfig | None = None, pad_divisor: int = 1,
 ) -> list[PredictionPanel]:  # fmt: skip
+    """Image, labels, prediction, hard pixels and loss of each of ``indices``, at the size the model saw.
+
+    Logits come from `eval_logits` with ``eval_cfg`` (None: the whole padded image), model
+    inputs padded to ``pad_divisor`` (``augment.pad_divisor``).
+    """
     was_training = model.training
     model.eval()
+    eval_cfg = eval_cfg or EvalConfig()
     panels = []
     for index in indices:
         image, mask, source_yx, original_hw = dataset.load(index, scale=1.0)  # read once
         height, width = image.shape[:2]
         sample = dataset.finish(index, image, mask, source_yx, original_hw)
-        logits = model(sample["image"][None].to(device)).float()
+        logits = eval_logits(model, sample["image"][None].to(device), cfg=eval_cfg, num_classes=dataset.num_classes,
+                             size_divisor=pad_divisor, valid_hw=[(height, width)])  # fmt: skip
         result = loss_fn(logits, sample["mask"][None].to(device))
         crop = (0, slice(0, height), slice(0, width))
         panels.append(PredictionPanel(
