@@ -1,6 +1,7 @@
 import dataclasses
 import re
 import typing
+from pathlib import Path
 
 import pytest
 import yaml
@@ -119,12 +120,13 @@ def literal_fields():
 def test_choice_fields_are_literals_whose_errors_list_the_choices():
     found = dict(literal_fields())
     assert set(found) == {
-        "data.kind", "ohem.mode", "ohem.scope", "optim.name", "refine.sampler", "train.amp", "wandb.mode"
+        "data.kind", "ohem.mode", "ohem.scope", "optim.name", "refine.sampler", "train.amp", "wandb.mode", "eval.mode"
     }  # fmt: skip
+    needs = {"data.kind": ["data.root=/data"], "eval.mode": ["eval.crop=[64, 64]", "eval.stride=[32, 32]"]}
     for key, choices in found.items():
         with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: 'bogus' is not one of {', '.join(choices)}$"):
             load_config(None, [f"{key}=bogus"])
-        extra = ["data.root=/data"] if key == "data.kind" else []
+        extra = needs.get(key, [])
         for choice in choices:
             assert getattr(load_config(None, [f"{key}={choice}", *extra]), key.split(".")[0]) is not None
 
@@ -176,6 +178,50 @@ def test_describe_config_comments_every_field_and_round_trips(tmp_path):
     path.write_text(text)
     assert load_config(path) == cfg
     assert load_config(None, base=yaml.safe_load(text)) == cfg  # plain safe_load reads it too
+
+
+def test_eval_section_defaults_to_whole_images_and_slide_needs_a_window_and_stride():
+    cfg = load_config()
+    assert (cfg.eval.mode, cfg.eval.flip, cfg.eval.scales) == ("whole", False, [1.0])
+    cfg = load_config(None, ["eval.mode=slide", "eval.crop=[512, 1024]", "eval.stride=[341, 682]", "eval.flip=true",
+                             "eval.scales=[0.75, 1, 1.25]", "eval.batch_windows=9"])  # fmt: skip
+    assert (cfg.eval.crop, cfg.eval.stride, cfg.eval.scales) == ([512, 1024], [341, 682], [0.75, 1.0, 1.25])
+    assert cfg.eval.flip and cfg.eval.batch_windows == 9
+    with pytest.raises(ConfigError, match=r"^eval.crop is required for eval.mode=slide; set \[H, W\]"):
+        load_config(None, ["eval.mode=slide", "eval.stride=[8, 8]"])
+    with pytest.raises(ConfigError, match=r"^eval.stride is required for eval.mode=slide"):
+        load_config(None, ["eval.mode=slide", "eval.crop=[8, 8]"])
+    with pytest.raises(ConfigError, match=r"^eval.stride: \[8, 9\] is larger than eval.crop=\[8, 8\]"):
+        load_config(None, ["eval.mode=slide", "eval.crop=[8, 8]", "eval.stride=[8, 9]"])
+    assert load_config(None, ["eval.crop=[8, 8]"]).eval.mode == "whole"  # a window alone does not slide
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("eval.crop=[0, 8]", r"eval.crop\[0\]: 0 is out of range; use a value >= 1"),
+        ("eval.stride=[8, -1]", r"eval.stride\[1\]: -1 is out of range; use a value >= 1"),
+        ("eval.crop=[8]", r"eval.crop: \[8\] has 1 values; use 0 or 2"),
+        ("eval.scales=[]", r"eval.scales: \[\] is empty; give at least one value"),
+        ("eval.scales=[1.0, 0]", r"eval.scales\[1\]: 0.0 is out of range; use a value > 0.0"),
+        ("eval.batch_windows=0", r"eval.batch_windows: 0 is out of range; use a value >= 1"),
+        ("eval.flip=maybe", r"eval.flip: expected bool"),
+    ],
+)
+def test_eval_limits_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        load_config(None, [override])
+
+
+def test_every_config_file_loads():
+    """The shipped configs load (loading reads no data, so a missing data.root is fine)."""
+    folder = Path(__file__).resolve().parents[1] / "configs"
+    loaded = {path.name: load_config(path) for path in sorted(folder.glob("*.yaml"))}
+    assert set(loaded) >= {"synthetic.yaml", "camvid.yaml", "camvid_full.yaml", "cityscapes.yaml"}
+    full, cityscapes = loaded["camvid_full.yaml"], loaded["cityscapes.yaml"]
+    assert full.data.resize == [] and full.augment.scale == [0.5, 2.0] and full.eval.mode == "whole"
+    assert cityscapes.eval.mode == "slide" and cityscapes.augment.crop == [512, 1024]
+    assert len(cityscapes.data.class_names) == len(cityscapes.data.palette) == 19
 
 
 AMOUNTS: list[int | float | str] = [
