@@ -17,8 +17,10 @@ Semantics (stated on purpose; see docs/ohem.md for how they differ from mmseg/HR
   Nothing to keep gives a zero loss that is still connected to the graph, never NaN.
 * Selection runs under ``no_grad`` on fp32 losses, so mixed precision cannot change which
   pixels are picked. Ties at the k-th value are broken by pixel index (lowest first).
-* The k-th value is found only where it is needed: ``torch.kthvalue`` (linear-time selection,
-  no sort) on the CPU, one stable segmented sort on CUDA, where that is the faster primitive.
+* On the CPU the k-th value is found only where it is needed (``torch.kthvalue``, linear-time
+  selection, no sort). On CUDA nothing asks the GPU a question: every row is ranked by one
+  stable segmented sort, per-row k is applied on the device, and a bad label trips a
+  device-side assert instead of a host-side check; the two paths choose identical pixels.
 """
 
 from __future__ import annotations
@@ -188,12 +190,73 @@ def _topk_rows(row_loss: Tensor, num_keep: Tensor, *, by_sort: bool | None = Non
 
 
 def _topk_rows_by_sort(row_loss: Tensor, num_keep: Tensor) -> tuple[Tensor, Tensor]:
-    """`_topk_rows` through a stable descending sort: equal losses keep index order."""
-    order = torch.sort(row_loss, dim=1, descending=True, stable=True).indices
+    """`_topk_rows` through a stable descending sort: equal losses keep index order.
+
+    No host synchronisation and no data-dependent shape. ``num_keep`` may be 0 here: that row's
+    mask is empty and its kth_loss is the row's largest loss (callers discard it).
+    """
+    sorted_loss, order = torch.sort(row_loss, dim=1, descending=True, stable=True)
     positions = torch.arange(row_loss.shape[1], device=row_loss.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(1, order, positions)
-    kth_index = order.gather(1, (num_keep - 1)[:, None])
-    return rank < num_keep[:, None], row_loss.gather(1, kth_index).squeeze(1)
+    kth_loss = sorted_loss.gather(1, (num_keep - 1).clamp(min=0)[:, None]).squeeze(1)
+    return rank < num_keep[:, None], kth_loss
+
+
+def _sync_free(tensor: Tensor) -> bool:
+    """Whether to select without host synchronisations: on CUDA, where each one stalls the queue.
+    The CPU keeps the host-driven path, which ranks only the rows that need it (tests patch this
+    to run the CUDA path on the CPU)."""
+    return tensor.is_cuda
+
+
+class _RowSelection(NamedTuple):
+    hard: Tensor  # (R, P) bool
+    row_threshold: Tensor  # (R,) float32
+    num_kept: Tensor  # (R,) int64
+
+
+def _select_rows_on_device(row_loss: Tensor, num_keep: Tensor, *, mode: str, thresh: float) -> _RowSelection:
+    """Threshold or top-k selection of each row with no host sync: every row is ranked, and
+    whether a row takes its ranking is decided on the device (`torch.where`, fixed shapes).
+
+    row_loss: (R, P) float32, ignored entries -inf. num_keep: (R,) int64 in [0, valid entries].
+    """
+    topk_mask, kth_loss = _topk_rows_by_sort(row_loss, num_keep)
+    kth_threshold = torch.exp(-kth_loss).clamp(max=1.0)
+    if mode == "threshold":
+        above = row_loss > -math.log(thresh)
+        num_above = above.sum(1)
+        short = num_above < num_keep  # (R,) too few pass the threshold: the num_keep hardest instead
+        return _RowSelection(
+            torch.where(short[:, None], topk_mask, above),
+            torch.where(short, kth_threshold, thresh),
+            torch.where(short, num_keep, num_above),
+        )
+    return _RowSelection(topk_mask, torch.where(num_keep > 0, kth_threshold, 1.0), num_keep)
+
+
+def _select_rows_on_host(row_loss: Tensor, num_keep: Tensor, *, mode: str, thresh: float) -> _RowSelection:
+    """`_select_rows_on_device` with host decisions: only rows short of ``num_keep`` are ranked,
+    rows sharing one k in one batched ``kthvalue`` (the faster way on the CPU)."""
+    num_rows = len(row_loss)
+    row_threshold = torch.ones(num_rows, device=row_loss.device)
+    if mode == "threshold":
+        hard = row_loss > -math.log(thresh)
+        row_threshold.fill_(thresh)
+        num_kept = hard.sum(1)
+        short_rows = (num_kept < num_keep).nonzero().flatten()
+    else:
+        hard = torch.zeros_like(row_loss, dtype=torch.bool)
+        num_kept = torch.zeros_like(num_keep)
+        short_rows = (num_keep > 0).nonzero().flatten()
+    if len(short_rows) == num_rows:  # host sync: the k-th value only where needed
+        hard, kth_loss = _topk_rows(row_loss, num_keep)
+        row_threshold, num_kept = torch.exp(-kth_loss).clamp(max=1.0), num_keep
+    elif len(short_rows):
+        hard[short_rows], kth_loss = _topk_rows(row_loss[short_rows], num_keep[short_rows])
+        row_threshold[short_rows] = torch.exp(-kth_loss).clamp(max=1.0)
+        num_kept[short_rows] = num_keep[short_rows]
+    return _RowSelection(hard, row_threshold, num_kept)
 
 
 def select_hard_pixels(
@@ -233,32 +296,18 @@ def select_hard_pixels(
     with torch.no_grad():
         row_valid = valid_mask.reshape(num_rows, -1)  # (R, P)
         num_valid = row_valid.sum(1)  # (R,)
-        row_threshold = torch.ones(num_rows, device=pixel_loss.device)
         if mode == "none":
-            hard, num_kept = row_valid, num_valid
+            rows = _RowSelection(row_valid, torch.ones(num_rows, device=pixel_loss.device), num_valid)
         else:
-            floor = _fraction_count(min(max(float(keep_floor), 0.0), 1.0), num_valid)
+            floor = _fraction_count(min(max(keep_floor, 0.0), 1.0), num_valid)
             target = min_kept if mode == "threshold" else top_k
             per_row = num_images if scope == "batch" else 1
             num_keep = torch.maximum(resolve_count(target, num_valid, per_row_images=per_row), floor)
             row_loss = pixel_loss.detach().float().reshape(num_rows, -1)
             row_loss = row_loss.masked_fill(~row_valid, -math.inf)
-            if mode == "threshold":
-                hard = row_loss > -math.log(thresh)
-                row_threshold.fill_(thresh)
-                num_kept = hard.sum(1)
-                short_rows = (num_kept < num_keep).nonzero().flatten()
-            else:
-                hard = torch.zeros_like(row_valid)
-                num_kept = torch.zeros_like(num_keep)
-                short_rows = (num_keep > 0).nonzero().flatten()
-            if len(short_rows) == num_rows:  # host sync: the k-th value only where needed
-                hard, kth_loss = _topk_rows(row_loss, num_keep)
-                row_threshold, num_kept = torch.exp(-kth_loss).clamp(max=1.0), num_keep
-            elif len(short_rows):
-                hard[short_rows], kth_loss = _topk_rows(row_loss[short_rows], num_keep[short_rows])
-                row_threshold[short_rows] = torch.exp(-kth_loss).clamp(max=1.0)
-                num_kept[short_rows] = num_keep[short_rows]
+            select_rows = _select_rows_on_device if _sync_free(row_loss) else _select_rows_on_host
+            rows = select_rows(row_loss, num_keep, mode=mode, thresh=thresh)
+        hard, row_threshold, num_kept = rows
         if scope == "batch":
             row_threshold = row_threshold.expand(num_images)
             num_kept = hard.reshape(num_images, -1).sum(1)
@@ -311,6 +360,18 @@ class OhemCrossEntropy(nn.Module):
         weight = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
         self.register_buffer("class_weight", weight, persistent=False)
 
+    def _check_labels(self, target: Tensor, valid_mask: Tensor, *, num_classes: int) -> None:
+        """Refuse labels outside ``[0, C)`` that are not ``ignore_index`` (mmseg #1180)."""
+        bad_mask = valid_mask & ((target < 0) | (target >= num_classes))
+        where = f"outside [0, {num_classes}) and are not the ignore_index {self.ignore_index}"
+        if _sync_free(target):
+            # No host sync on CUDA: a device-side assert, raised at the next synchronisation;
+            # the same batch on the CPU names the values.
+            torch._assert_async(~bad_mask.any(), f"OhemCrossEntropy: label values {where}")
+        elif bool(bad_mask.any()):  # host sync (CPU only): names the bad values
+            bad = sorted(set(target[bad_mask].unique().tolist()))
+            raise ValueError(f"label values {bad[:10]} are {where}")
+
     def forward(
         self, logits: Tensor, target: Tensor, *, step: int | None = None, pixel_weight: Tensor | None = None
     ) -> OhemResult:
@@ -323,13 +384,7 @@ class OhemCrossEntropy(nn.Module):
             )
         num_classes = logits.shape[1]
         valid_mask = target != self.ignore_index  # (N, H, W)
-        bad_mask = valid_mask & ((target < 0) | (target >= num_classes))
-        if bool(bad_mask.any()):  # host sync: cheap guard against silent index errors
-            bad = sorted(set(target[bad_mask].unique().tolist()))
-            raise ValueError(
-                f"label values {bad[:10]} are outside [0, {num_classes}) and are not the "
-                f"ignore_index {self.ignore_index}"
-            )
+        self._check_labels(target, valid_mask, num_classes=num_classes)
         # fp32 so that autocast cannot change the ranking of pixels.
         pixel_loss = F.cross_entropy(
             logits.float(), target, ignore_index=self.ignore_index, reduction="none"

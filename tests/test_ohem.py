@@ -1,12 +1,19 @@
+import itertools
 import math
 import re
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from segohem import ohem
 from segohem.ohem import (
     KeepAmount,
     OhemCrossEntropy,
@@ -286,3 +293,86 @@ def test_sort_and_kthvalue_paths_choose_the_same_pixels():
         mask_s, kth_s = _topk_rows(row_loss, num_keep, by_sort=True)
         assert torch.equal(mask_k, mask_s) and torch.equal(kth_k, kth_s)
         assert torch.equal(mask_s.sum(1), num_keep) and not (mask_s & ~valid).any()
+
+
+# Operations that make the host wait for the device on CUDA: a scalar read (item, bool, float),
+# or an output whose shape depends on the data.
+HOST_QUESTIONS = {
+    "aten._local_scalar_dense.default", "aten.is_nonzero.default", "aten.equal.default",
+    "aten.nonzero.default", "aten.masked_select.default", "aten.bincount.default",
+    "aten._unique2.default", "aten.unique_dim.default", "aten.unique_consecutive.default",
+    "aten.repeat_interleave.Tensor",
+}  # fmt: skip
+
+
+class HostQuestions(TorchDispatchMode):
+    """Records the operations that would stall a CUDA stream (boolean-mask indexing included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = str(func)
+        indices = args[1] if name.startswith(("aten.index.", "aten.index_put")) and len(args) > 1 else []
+        if name in HOST_QUESTIONS or any(i is not None and i.dtype == torch.bool for i in indices):
+            self.asked.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def sync_free_path() -> Iterator[None]:
+    """Run the selection's CUDA path (no host decisions) on the CPU."""
+    with mock.patch.object(ohem, "_sync_free", lambda tensor: True):
+        yield
+
+
+def asks_the_host(fn: Callable[[], Any]) -> list[str]:
+    """The host-stalling operations ``fn`` runs, run once to warm up and once recorded."""
+    fn()
+    with HostQuestions() as recorder:
+        fn()
+    return recorder.asked
+
+
+def all_rules() -> Iterator[dict[str, Any]]:
+    for mode, scope in itertools.product(["threshold", "topk", "none"], ["image", "batch"]):
+        yield dict(mode=mode, scope=scope, thresh=0.6, min_kept=0.3, top_k=0.2)
+
+
+def test_the_cuda_path_asks_the_host_nothing_in_any_mode_or_scope():
+    logits, target = random_batch(11, h=12, w=13)
+    weight = torch.rand(target.shape)
+    for rule in all_rules():
+        loss_fn = OhemCrossEntropy(**rule, class_weight=[1.0, 2.0, 0.5, 1.0, 3.0], warmup_steps=10,
+                                   ignore_index=IGNORE)  # fmt: skip
+
+        def step(fn: OhemCrossEntropy = loss_fn) -> None:
+            leaf = logits.clone().requires_grad_()
+            fn(leaf, target, step=3, pixel_weight=weight).loss.backward()
+
+        with sync_free_path():
+            assert asks_the_host(step) == [], rule
+        # the recorder can fail: the CPU path asks (label check, rows short of k)
+        assert "aten._local_scalar_dense.default" in asks_the_host(step)
+
+
+def test_the_cuda_path_gives_the_cpu_path_result_in_every_mode_and_scope():
+    for seed, rule in itertools.product(range(4), all_rules()):
+        logits, target = random_batch(seed, n=3, h=9, w=11)
+        if seed % 2:  # saturated probabilities: exact ties at the k-th value
+            logits = logits.round()
+        loss_fn = OhemCrossEntropy(**rule, class_weight=[1.0, 2.0, 0.5, 1.0, 3.0], warmup_steps=10,
+                                   ignore_index=IGNORE)  # fmt: skip
+        host = loss_fn(logits, target, step=seed * 3)
+        with sync_free_path():
+            device = loss_fn(logits, target, step=seed * 3)
+        for name, expected, actual in zip(host._fields, host, device, strict=True):
+            assert torch.equal(expected, actual), (name, rule, seed)
+
+
+def test_the_cuda_path_refuses_bad_labels_with_a_device_assert():
+    logits, target = random_batch(8)
+    target[0, 0, 0] = 7
+    with sync_free_path(), pytest.raises(RuntimeError, match=r"label values outside \[0, 5\) .*ignore_index 255"):
+        OhemCrossEntropy(ignore_index=IGNORE)(logits, target)
