@@ -12,6 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from segohem.bank import HardPixelBank
+from segohem.config import EvalConfig
 from segohem.data.build import ClassInfo
 from segohem.data.datasets import SegmentationDataset
 from segohem.engine.panels import prediction_panels
@@ -31,7 +32,8 @@ def choose_ids(bank: HardPixelBank | None, dataset: SegmentationDataset, *, num:
 def write_gallery(
     *, model: nn.Module, dataset: SegmentationDataset, sample_ids: list[str], loss_fn: OhemCrossEntropy,
     device: torch.device, classes: ClassInfo, bank: HardPixelBank | None, output: Path,
-    plots: dict[str, Path] | None = None, progress: bool = True,
+    plots: dict[str, Path] | None = None, progress: bool = True, eval_cfg: EvalConfig | None = None,
+    pad_divisor: int = 1,
 ) -> Path:  # fmt: skip
     """Render each sample's panel (with its dictionary hardness map when known); returns index.html."""
     index_of = {dataset.sample_id(i): i for i in range(len(dataset))}
@@ -42,7 +44,7 @@ def write_gallery(
     rows = []
     for sample_id in tqdm(sample_ids, desc="gallery", disable=not progress):
         (panel,) = prediction_panels(model=model, dataset=dataset, indices=[index_of[sample_id]], loss_fn=loss_fn,
-                                     device=device)  # fmt: skip
+                                     device=device, eval_cfg=eval_cfg, pad_divisor=pad_divisor)  # fmt: skip
         stats = bank.samples.get(sample_id) if bank is not None else None
         picture = render_panel(panel, names=classes.names, palette=classes.palette, ignore_index=classes.ignore_index,
                                hardness=stats.hardness if stats is not None else None)  # fmt: skip

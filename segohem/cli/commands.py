@@ -180,6 +180,7 @@ def run_viz(
         model=trained.model, dataset=dataset, sample_ids=ids or choose_ids(bank, dataset, num=num),
         loss_fn=trained.loss_fn, device=trained.device, classes=trained.classes, bank=bank,
         output=output or run / "gallery", plots=save_run_plots(run), progress=trained.config.train.progress,
+        eval_cfg=trained.config.eval, pad_divisor=trained.config.augment.pad_divisor,
     )  # fmt: skip
     print(f"gallery written: open {page}")
     return page
