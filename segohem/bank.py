@@ -9,8 +9,9 @@ pipeline carries beside the mask, so crops, rescales and flips land in the right
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -56,29 +57,67 @@ class EpochClassStats:
     valid: np.ndarray  # (C,) int64 valid pixels per true class
 
 
-@dataclass
+class _InFlight(NamedTuple):
+    """One `HardPixelBank.update`'s counts on their way to the host, and what folding them needs."""
+
+    counts: Tensor  # (M,) float64 on the host (pinned when it was copied from CUDA), see `_device_counts`
+    ready: Any  # a CUDA event recorded after the copy (query/synchronize), None when already on the host
+    sample_ids: list[str]
+    sizes: list[tuple[int, int]]  # original (height, width) per image
+    epoch: int
+
+
 class HardPixelBank:
     """Per-sample hard-pixel statistics; ``update`` is the only mutator.
 
     momentum: weight of the past in the per-sample EMAs (each sample is seen about once per
     epoch, so 0.5 halves the weight of an epoch's observation every epoch).
+
+    On CUDA, ``update`` asks the GPU nothing: it counts on the device and starts one copy to
+    pinned host memory; the counts are folded in order on a later ``update`` once their copy
+    has landed (at most ``max_in_flight`` wait), and before anything reads the bank (``samples``,
+    ``epochs``, ``state_dict`` and ``flush`` wait for them). On the CPU updates fold at once.
     """
 
-    num_classes: int
-    cell_size: int = 8
-    momentum: float = 0.5
-    samples: dict[str, SampleStats] = field(default_factory=dict)
-    epochs: dict[int, EpochClassStats] = field(default_factory=dict)
+    max_in_flight = 4
+
+    def __init__(self, num_classes: int, cell_size: int = 8, momentum: float = 0.5) -> None:
+        self.num_classes, self.cell_size, self.momentum = num_classes, cell_size, momentum
+        self._samples: dict[str, SampleStats] = {}
+        self._epochs: dict[int, EpochClassStats] = {}
+        self._in_flight: deque[_InFlight] = deque()
+
+    @property
+    def samples(self) -> dict[str, SampleStats]:
+        """Statistics per ``sample_id``, every update folded in."""
+        self.flush()
+        return self._samples
+
+    @samples.setter
+    def samples(self, samples: dict[str, SampleStats]) -> None:
+        self.flush()
+        self._samples = samples
+
+    @property
+    def epochs(self) -> dict[int, EpochClassStats]:
+        """Hard and valid pixels per class for each epoch, every update folded in."""
+        self.flush()
+        return self._epochs
+
+    @epochs.setter
+    def epochs(self, epochs: dict[int, EpochClassStats]) -> None:
+        self.flush()
+        self._epochs = epochs
 
     def _get(self, sample_id: str, height: int, width: int) -> SampleStats:
-        stats = self.samples.get(sample_id)
+        stats = self._samples.get(sample_id)
         if stats is None:
             grid = (math.ceil(height / self.cell_size), math.ceil(width / self.cell_size))
             stats = SampleStats(
                 height=height, width=width, hard_acc=np.zeros(grid, np.float32), seen_acc=np.zeros(grid, np.float32),
                 confusion=np.zeros((self.num_classes, self.num_classes), np.int64),
             )  # fmt: skip
-            self.samples[sample_id] = stats
+            self._samples[sample_id] = stats
         return stats
 
     @torch.no_grad()
@@ -94,55 +133,102 @@ class HardPixelBank:
         source_hw: Tensor,
         epoch: int,
     ) -> None:
-        """Fold one batch into the bank.
+        """Fold one batch into the bank (on CUDA: start to; see the class docstring).
 
         hard_mask (N, H, W) bool; pixel_loss (N, H, W) float; target, pred (N, H, W) int64
         (pred = argmax of the logits); source_yx (N, 2, H, W) float, the original-image row
         and column of every pixel (any value where the target is ignored); source_hw (N, 2)
-        int, original height and width.
+        int, original height and width, on the CPU as the loader gives it (on the GPU, reading
+        it would be a host sync).
         """
-        num_images, num_classes = hard_mask.shape[0], self.num_classes
+        sizes = [(int(h), int(w)) for h, w in source_hw.tolist()]
+        counts = self._device_counts(hard_mask=hard_mask, pixel_loss=pixel_loss, target=target, pred=pred,
+                                     source_yx=source_yx, sizes=sizes)  # fmt: skip
+        counts, ready = _send_to_host(counts)
+        self._in_flight.append(_InFlight(counts, ready, list(sample_ids), sizes, epoch))
+        self._fold_landed()
+
+    def flush(self) -> None:
+        """Fold every update still in flight (waits for their copies; no-op on the CPU)."""
+        while self._in_flight:
+            self._fold(self._in_flight.popleft(), wait=True)
+
+    def _fold_landed(self) -> None:
+        """Fold, in order, the updates whose counts have reached the host; wait only for the
+        oldest beyond ``max_in_flight``."""
+        while self._in_flight:
+            oldest = self._in_flight[0]
+            landed = oldest.ready is None or oldest.ready.query()
+            if not (landed or len(self._in_flight) > self.max_in_flight):
+                return
+            self._fold(self._in_flight.popleft(), wait=not landed)
+
+    def _device_counts(
+        self, *, hard_mask: Tensor, pixel_loss: Tensor, target: Tensor, pred: Tensor, source_yx: Tensor,
+        sizes: list[tuple[int, int]],
+    ) -> Tensor:  # fmt: skip
+        """Everything `_fold` needs from one batch, counted where the tensors are, in one tensor.
+
+        Returns (M,) float64 (counts are exact integers): per-image confusions (N*C*C), valid
+        pixels per class (C), kept and valid pixels per image (N, N), hard and observed pixels per
+        original-image cell of every image (2 x the sum of the grid sizes), hard-pixel loss sums (N).
+        Fixed shapes and scatter-adds only: nothing here waits for the device.
+        """
+        num_images, num_classes, device = hard_mask.shape[0], self.num_classes, target.device
         valid_mask = (target >= 0) & (target < num_classes)
-        num_kept = hard_mask.flatten(1).sum(1)
-        num_valid = valid_mask.flatten(1).sum(1)
-        hard_loss_sum = (pixel_loss.float() * hard_mask).flatten(1).sum(1)
-        # One bincount for all (image, true, pred) triples of hard pixels.
         safe_target, safe_pred = target.clamp(0, num_classes - 1), pred.clamp(0, num_classes - 1)
-        triple = torch.arange(num_images, device=target.device).view(-1, 1, 1) * num_classes + safe_target
-        triple = triple * num_classes + safe_pred
-        confusion = torch.bincount(triple[hard_mask], minlength=num_images * num_classes**2)
-        class_valid = torch.bincount(safe_target[valid_mask], minlength=num_classes)
+        triple = torch.arange(num_images, device=device).view(-1, 1, 1) * num_classes + safe_target
+        triple = triple * num_classes + safe_pred  # (N, H, W) index of (image, true, pred)
+        grids = [(math.ceil(h / self.cell_size), math.ceil(w / self.cell_size)) for h, w in sizes]
+        offsets = np.cumsum([0] + [gh * gw for gh, gw in grids])
+        geometry = _to_device([[gh, gw, offset] for (gh, gw), offset in zip(grids, offsets, strict=False)], device)
+        grid_h, grid_w, first_cell = (column.view(-1, 1, 1) for column in geometry.unbind(1))
         cells = (source_yx.float() / self.cell_size).floor().long()  # (N, 2, H, W)
-        sizes = source_hw.tolist()  # host sync: small
-        per_image: list[tuple[np.ndarray, np.ndarray]] = []
-        for i in range(num_images):
-            grid_h, grid_w = math.ceil(sizes[i][0] / self.cell_size), math.ceil(sizes[i][1] / self.cell_size)
-            cell_index = (cells[i, 0].clamp(0, grid_h - 1) * grid_w + cells[i, 1].clamp(0, grid_w - 1))[valid_mask[i]]
-            hard_here = hard_mask[i][valid_mask[i]]
-            seen_counts = torch.bincount(cell_index, minlength=grid_h * grid_w).view(grid_h, grid_w)
-            hard_counts = torch.bincount(cell_index[hard_here], minlength=grid_h * grid_w).view(grid_h, grid_w)
-            per_image.append((hard_counts.cpu().numpy(), seen_counts.cpu().numpy()))
-        confusion_np = confusion.view(num_images, num_classes, num_classes).cpu().numpy()
-        kept_np, valid_np, loss_np = num_kept.cpu().numpy(), num_valid.cpu().numpy(), hard_loss_sum.cpu().numpy()
-        for i, sample_id in enumerate(sample_ids):
-            stats = self._get(sample_id, *sizes[i])
-            hard, seen = per_image[i]
+        row = torch.minimum(cells[:, 0].clamp(min=0), grid_h - 1)
+        col = torch.minimum(cells[:, 1].clamp(min=0), grid_w - 1)
+        cell_index = first_cell + row * grid_w + col  # (N, H, W) into the concatenated grids
+        num_cells = int(offsets[-1])
+        parts = [
+            _count(triple, hard_mask, num_images * num_classes**2), _count(safe_target, valid_mask, num_classes),
+            hard_mask.flatten(1).sum(1), valid_mask.flatten(1).sum(1),
+            _count(cell_index, hard_mask & valid_mask, num_cells), _count(cell_index, valid_mask, num_cells),
+            (pixel_loss.float() * hard_mask).flatten(1).sum(1),
+        ]  # fmt: skip
+        return torch.cat([part.double() for part in parts])
+
+    def _fold(self, update: _InFlight, *, wait: bool) -> None:
+        """Apply one update's counts (see `_device_counts` for their layout) to the statistics."""
+        if wait and update.ready is not None:
+            update.ready.synchronize()  # the copy of an earlier step: usually long done
+        num_images, num_classes = len(update.sample_ids), self.num_classes
+        values = update.counts.numpy()
+        grids = [(math.ceil(h / self.cell_size), math.ceil(w / self.cell_size)) for h, w in update.sizes]
+        grid_sizes = [grid_h * grid_w for grid_h, grid_w in grids]
+        layout = [num_images * num_classes**2, num_classes, num_images, num_images, sum(grid_sizes), sum(grid_sizes)]
+        parts = np.split(values[:-num_images].astype(np.int64), np.cumsum(layout)[:-1])
+        confusion, class_valid, kept, valid, hard_cells, seen_cells = parts
+        confusion = confusion.reshape(num_images, num_classes, num_classes)
+        cell_ends = np.cumsum(grid_sizes)[:-1]
+        for i, (hard, seen) in enumerate(zip(np.split(hard_cells, cell_ends), np.split(seen_cells, cell_ends),
+                                             strict=True)):  # fmt: skip
+            stats = self._get(update.sample_ids[i], *update.sizes[i])
+            hard, seen = hard.reshape(grids[i]), seen.reshape(grids[i])
             observed = seen > 0
             stats.hard_acc[observed] = self.momentum * stats.hard_acc[observed] + hard[observed]
             stats.seen_acc[observed] = self.momentum * stats.seen_acc[observed] + seen[observed]
-            stats.confusion += confusion_np[i]
-            kept_fraction = float(kept_np[i]) / max(1, int(valid_np[i]))
-            hard_loss = float(loss_np[i]) / max(1, int(kept_np[i]))
+            stats.confusion += confusion[i]
+            kept_fraction = float(kept[i]) / max(1, int(valid[i]))
+            hard_loss = float(values[len(values) - num_images + i]) / max(1, int(kept[i]))
             weight = self.momentum if stats.seen else 0.0
             stats.ema_kept_fraction = weight * stats.ema_kept_fraction + (1 - weight) * kept_fraction
             stats.ema_hard_loss = weight * stats.ema_hard_loss + (1 - weight) * hard_loss
             stats.seen += 1
-            stats.last_epoch = epoch
-        history = self.epochs.setdefault(
-            epoch, EpochClassStats(np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64))
+            stats.last_epoch = update.epoch
+        history = self._epochs.setdefault(
+            update.epoch, EpochClassStats(np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64))
         )
-        history.hard += confusion_np.sum(axis=(0, 2))
-        history.valid += class_valid.cpu().numpy()
+        history.hard += confusion.sum(axis=(0, 2))
+        history.valid += class_valid
 
     def state_dict(self) -> dict[str, Any]:
         """A snapshot: its arrays are copies, so later updates leave a saved or pending checkpoint alone."""
@@ -154,9 +240,37 @@ class HardPixelBank:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take ``state``'s values as copies: updating this bank never changes the dict (or bank) it came from."""
+        self.flush()
         self.num_classes, self.cell_size, self.momentum = state["num_classes"], state["cell_size"], state["momentum"]
-        self.samples = {k: SampleStats(**_copied_fields(v)) for k, v in state["samples"].items()}
-        self.epochs = {int(k): EpochClassStats(**_copied_fields(v)) for k, v in state["epochs"].items()}
+        self._samples = {k: SampleStats(**_copied_fields(v)) for k, v in state["samples"].items()}
+        self._epochs = {int(k): EpochClassStats(**_copied_fields(v)) for k, v in state["epochs"].items()}
+
+
+def _count(index: Tensor, weight_mask: Tensor, size: int) -> Tensor:
+    """(size,) int64 number of True ``weight_mask`` entries per ``index`` value, in [0, size):
+    a bincount with a fixed length (``torch.bincount`` on CUDA reads the largest index on the host)."""
+    counts = torch.zeros(size, dtype=torch.int64, device=index.device)
+    return counts.scatter_add_(0, index.flatten(), weight_mask.flatten().to(torch.int64))
+
+
+def _send_to_host(counts: Tensor) -> tuple[Tensor, Any]:
+    """Start the one device-to-host copy of an update: (host tensor, CUDA event recorded after
+    the copy), or (``counts``, None) when they are on the CPU already."""
+    if not counts.is_cuda:
+        return counts, None
+    host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+    host.copy_(counts, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
+def _to_device(rows: list[list[int]], device: torch.device) -> Tensor:
+    """A small int64 table on ``device`` without a blocking copy (pinned memory on CUDA)."""
+    table = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
 
 
 def _copied_fields(fields: dict[str, Any]) -> dict[str, Any]:

@@ -1,3 +1,4 @@
+import math
 import subprocess
 import sys
 import textwrap
@@ -6,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from segohem.bank import HardPixelBank
+from segohem import bank as bank_module
+from segohem.bank import EpochClassStats, HardPixelBank
 from segohem.bank_report import class_hardness, confused_pairs, format_rows, hardest_images
 from segohem.bank_store import load_bank, load_mined, read_meta, save_bank, save_mined
 from segohem.config import load_config
 from segohem.data import build_dataset
+from tests.test_ohem import asks_the_host
 
 CLASSES = ("a", "b", "c")
 
@@ -215,3 +218,126 @@ def test_a_kill_during_a_save_leaves_the_previous_state_readable(tmp_path):
     assert read_meta(path)["epoch"] == "1"
     restored = load_bank(path)
     assert sorted(restored.samples) == ["img1", "img2"]
+
+
+def reference_update(bank, *, sample_ids, hard_mask, pixel_loss, target, pred, source_yx, source_hw, epoch):
+    """The per-image update that the batched one replaced, written out plainly (numpy, one image at a time)."""
+    num_classes, cell = bank.num_classes, bank.cell_size
+    for i, sample_id in enumerate(sample_ids):
+        height, width = (int(v) for v in source_hw[i])
+        grid_h, grid_w = math.ceil(height / cell), math.ceil(width / cell)
+        valid = ((target[i] >= 0) & (target[i] < num_classes)).numpy()
+        hard = hard_mask[i].numpy()
+        cells = np.floor(np.nan_to_num(source_yx[i].float().numpy()) / cell).astype(np.int64)  # NaN: ignored
+        cell_index = np.clip(cells[0], 0, grid_h - 1) * grid_w + np.clip(cells[1], 0, grid_w - 1)
+        seen = np.bincount(cell_index[valid], minlength=grid_h * grid_w).reshape(grid_h, grid_w)
+        hard_cells = np.bincount(cell_index[valid & hard], minlength=grid_h * grid_w).reshape(grid_h, grid_w)
+        stats = bank._get(sample_id, height, width)
+        observed = seen > 0
+        stats.hard_acc[observed] = bank.momentum * stats.hard_acc[observed] + hard_cells[observed]
+        stats.seen_acc[observed] = bank.momentum * stats.seen_acc[observed] + seen[observed]
+        true_class = target[i].clamp(0, num_classes - 1).numpy()[hard]
+        np.add.at(stats.confusion, (true_class, pred[i].clamp(0, num_classes - 1).numpy()[hard]), 1)
+        num_kept = int(hard.sum())
+        hard_loss_sum = float((pixel_loss.float() * hard_mask).flatten(1).sum(1)[i])
+        weight = bank.momentum if stats.seen else 0.0
+        stats.ema_kept_fraction = weight * stats.ema_kept_fraction + (1 - weight) * num_kept / max(1, int(valid.sum()))
+        stats.ema_hard_loss = weight * stats.ema_hard_loss + (1 - weight) * hard_loss_sum / max(1, num_kept)
+        stats.seen += 1
+        stats.last_epoch = epoch
+        history = bank._epochs.setdefault(
+            epoch, EpochClassStats(np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64))
+        )
+        history.hard += np.bincount(true_class, minlength=num_classes)
+        history.valid += np.bincount(target[i].numpy()[valid], minlength=num_classes)
+
+
+def random_update(gen, *, num_images=3, height=10, width=12, ids="abcde"):
+    """Update arguments with crops, rescales, flips, ignored pixels and out-of-range coordinates."""
+    picks = torch.randint(0, len(ids), (num_images,), generator=gen).tolist()
+    source_hw = torch.tensor([[5 + 7 * p, 39 - 5 * p] for p in picks])  # each image has its own size
+    scale = source_hw.float() / torch.tensor([height, width])
+    rows, cols = torch.meshgrid(torch.arange(height).float(), torch.arange(width).float(), indexing="ij")
+    source_yx = torch.stack([rows, cols]) * scale[:, :, None, None] + torch.randn(num_images, 2, 1, 1, generator=gen)
+    target = torch.randint(0, 4, (num_images, height, width), generator=gen)
+    ignored = torch.rand(num_images, height, width, generator=gen) < 0.2
+    target[ignored] = 255
+    source_yx[:, 0][ignored] = float("nan")  # any value where the target is ignored
+    hard = (torch.rand(num_images, height, width, generator=gen) < 0.4) & ~ignored
+    return dict(
+        sample_ids=[ids[p] for p in picks], hard_mask=hard, pixel_loss=torch.rand(num_images, height, width,
+        generator=gen) * 3, target=target, pred=torch.randint(0, 4, (num_images, height, width), generator=gen),
+        source_yx=source_yx, source_hw=source_hw, epoch=int(torch.randint(0, 2, (1,), generator=gen)),
+    )  # fmt: skip
+
+
+def assert_same_banks(actual, expected):
+    assert actual.samples.keys() == expected.samples.keys()
+    for key, stats in expected.samples.items():
+        for name, value in vars(stats).items():
+            got = getattr(actual.samples[key], name)
+            assert np.array_equal(got, value) if isinstance(value, np.ndarray) else got == value, (key, name)
+    assert actual.epochs.keys() == expected.epochs.keys()
+    for epoch, history in expected.epochs.items():
+        assert np.array_equal(actual.epochs[epoch].hard, history.hard)
+        assert np.array_equal(actual.epochs[epoch].valid, history.valid)
+
+
+def test_batched_update_equals_the_per_image_reference():
+    gen = torch.Generator().manual_seed(0)
+    bank, expected = HardPixelBank(4, cell_size=4, momentum=0.5), HardPixelBank(4, cell_size=4, momentum=0.5)
+    for _ in range(30):  # ids repeat across and within batches
+        arguments = random_update(gen)
+        bank.update(**arguments)
+        reference_update(expected, **arguments)
+    assert_same_banks(bank, expected)
+
+
+def test_update_asks_the_host_nothing():
+    arguments = random_update(torch.Generator().manual_seed(1))
+    bank = HardPixelBank(4, cell_size=4)
+    assert asks_the_host(lambda: bank.update(**arguments)) == []
+
+
+class LaterEvent:
+    """Stands in for the CUDA event of a device-to-host copy that lands when the test says."""
+
+    def __init__(self, landed: list[bool]) -> None:
+        self.landed, self.waited = landed, False
+
+    def query(self) -> bool:
+        return self.landed[0]
+
+    def synchronize(self) -> None:
+        self.waited = True
+
+
+def test_updates_in_flight_fold_in_order_before_any_read(monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    batches = [random_update(gen) for _ in range(7)]
+    expected = HardPixelBank(4, cell_size=4)
+    for arguments in batches:
+        reference_update(expected, **arguments)
+    landed, events = [False], []
+
+    def send_later(counts):
+        events.append(LaterEvent(landed))
+        return counts, events[-1]
+
+    monkeypatch.setattr(bank_module, "_send_to_host", send_later)
+    bank = HardPixelBank(4, cell_size=4)
+    for arguments in batches[:5]:
+        bank.update(**arguments)
+    assert len(bank._in_flight) == 4 and events[0].waited  # the fifth waited for the oldest
+    assert not any(event.waited for event in events[1:])
+    landed[0] = True
+    bank.update(**batches[5])  # everything landed folds, in order
+    assert not bank._in_flight
+    landed[0] = False
+    bank.update(**batches[6])
+    state = bank.state_dict()  # a read waits for what is still in flight
+    assert events[-1].waited and not bank._in_flight
+    assert_same_banks(bank, expected)
+    restored = HardPixelBank(1)
+    restored.load_state_dict(state)
+    assert_same_banks(restored, expected)
