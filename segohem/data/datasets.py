@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +14,15 @@ from torch.utils.data import Dataset
 
 from segohem.data.errors import DatasetError
 from segohem.data.io import IMAGE_SUFFIXES, display_path, read_image, read_mask
+from segohem.data.pairing import SamplePair, folder_pairs
 from segohem.data.synthetic import SPLIT_KEYS, render_scene
 
-__all__ = ["IMAGE_SUFFIXES", "DatasetError", "FolderDataset", "SegmentationDataset", "SyntheticDataset"]
+__all__ = [
+    "IMAGE_SUFFIXES", "DatasetError", "FolderDataset", "LabelReader", "PairedDataset", "SegmentationDataset",
+    "SyntheticDataset",
+]  # fmt: skip
+
+LabelReader = Callable[[Path], np.ndarray]  # a label file's path -> (H, W) class ids
 
 
 class SegmentationDataset(Dataset[dict[str, Any]]):
@@ -107,58 +113,29 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
             )
 
 
-def files_by_stem(folder: Path, *, what: str) -> dict[str, Path]:
-    """The image files of ``folder`` keyed by stem; DatasetError when two files share a stem."""
-    groups: dict[str, list[Path]] = {}
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            groups.setdefault(path.stem, []).append(path)
-    clashes = [paths for paths in groups.values() if len(paths) > 1]
-    if clashes:
-        named = "; ".join(" and ".join(display_path(p.name) for p in paths) for paths in clashes[:3])
-        raise DatasetError(
-            f"{len(clashes)} stem(s) in the {what} folder {display_path(folder)} name more than one file "
-            f"({named}); samples are matched by file stem, so keep one file per stem"
-        )
-    return {stem: paths[0] for stem, paths in groups.items()}
+class PairedDataset(SegmentationDataset):
+    """Samples given as (sample id, image file, label file) pairs; ``read_labels`` decodes a label file.
 
-
-class FolderDataset(SegmentationDataset):
-    """Images and single-channel (or palette) label PNGs in two folders, matched by file stem.
-
-    ``sample_id`` is the stem as printable text (non-UTF-8 bytes of a name as ``\\xff``).
+    ``read_labels`` (default `read_mask`: stored ids) maps a label file's path to (H, W) class ids;
+    a pair without a label file reads as all ``ignore_index`` (benchmarks that withhold test labels).
     """
 
-    def __init__(self, image_dir: str | Path, mask_dir: str | Path, **kwargs: Any) -> None:
+    def __init__(self, pairs: Sequence[SamplePair], *, read_labels: LabelReader = read_mask, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.image_dir, self.mask_dir = Path(image_dir), Path(mask_dir)
-        for folder in (self.image_dir, self.mask_dir):
-            if not folder.is_dir():
-                raise DatasetError(f"dataset folder {display_path(folder)} does not exist")
-        images = files_by_stem(self.image_dir, what="image")
-        masks = files_by_stem(self.mask_dir, what="label")
-        missing = sorted(display_path(stem) for stem in set(images) - set(masks))
-        if missing:
-            raise DatasetError(
-                f"{len(missing)} image(s) in {display_path(self.image_dir)} have no label file of the same stem "
-                f"in {display_path(self.mask_dir)}, e.g. {missing[:3]}"
-            )
-        if not images:
-            raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {display_path(self.image_dir)}")
-        stems = sorted(images)
-        self.image_paths = [images[s] for s in stems]
-        self.mask_paths = [masks[s] for s in stems]
-        self.stems = [display_path(s) for s in stems]
+        self.pairs, self.read_labels = list(pairs), read_labels
 
     def __len__(self) -> int:
-        return len(self.stems)
+        return len(self.pairs)
 
     def sample_id(self, index: int) -> str:
-        return self.stems[index]
+        return self.pairs[index].sample_id
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        image_path, mask_path = self.image_paths[index], self.mask_paths[index]
-        image, mask = read_image(image_path), read_mask(mask_path)
+        _, image_path, mask_path = self.pairs[index]
+        image = read_image(image_path)
+        if mask_path is None:
+            return image, np.full(image.shape[:2], self.ignore_index, _label_dtype(self.ignore_index))
+        mask = self.read_labels(mask_path)
         if mask.shape != image.shape[:2]:
             raise DatasetError(
                 f"label file {display_path(mask_path)} is {mask.shape[1]}x{mask.shape[0]} but its image "
@@ -166,6 +143,24 @@ class FolderDataset(SegmentationDataset):
             )
         self.check_labels(mask, display_path(mask_path))
         return image, mask
+
+
+def _label_dtype(ignore_index: int) -> type[np.integer]:
+    """The smallest integer type OpenCV resizes that holds ``ignore_index``."""
+    if 0 <= ignore_index <= 255:
+        return np.uint8
+    return np.uint16 if 0 <= ignore_index <= 65535 else np.int32
+
+
+class FolderDataset(PairedDataset):
+    """Images and single-channel (or palette) label PNGs in two folders, matched by file stem.
+
+    ``sample_id`` is the stem as printable text (non-UTF-8 bytes of a name as ``\\xff``).
+    """
+
+    def __init__(self, image_dir: str | Path, mask_dir: str | Path, **kwargs: Any) -> None:
+        self.image_dir, self.mask_dir = Path(image_dir), Path(mask_dir)
+        super().__init__(folder_pairs(self.image_dir, self.mask_dir), **kwargs)
 
 
 class SyntheticDataset(SegmentationDataset):
