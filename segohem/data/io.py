@@ -57,18 +57,30 @@ def _palette_indices(data: np.ndarray) -> np.ndarray | None:
         return None  # not something PIL reads; OpenCV decides
 
 
+def _read_rgb(path: str | Path, *, what: str) -> np.ndarray:
+    image = _decode(_read_bytes(path, what=what), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DatasetError(
+            f"cannot read {what} {display_path(path)}: corrupt or not an image "
+            f"(readable formats: {', '.join(IMAGE_SUFFIXES)})"
+        )
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as (H, W, 3) uint8 RGB; grey or palette images are expanded.
 
     Raises DatasetError naming the file when it is missing, empty, corrupt or not an image.
     """
-    image = _decode(_read_bytes(path, what="image"), cv2.IMREAD_COLOR)
-    if image is None:
-        raise DatasetError(
-            f"cannot read image {display_path(path)}: corrupt or not an image "
-            f"(readable formats: {', '.join(IMAGE_SUFFIXES)})"
-        )
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return _read_rgb(path, what="image")
+
+
+def read_colour_mask(path: str | Path) -> np.ndarray:
+    """Read a colour-coded label file as (H, W, 3) uint8 RGB (palette files give their colours).
+
+    Raises DatasetError naming the file when it is missing, empty, corrupt or not an image.
+    """
+    return _read_rgb(path, what="label file")
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -86,7 +98,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     if mask.ndim != 2:
         raise DatasetError(
             f"label file {display_path(path)} has {mask.shape[2]} channels; expected a single-channel "
-            f"map of class ids or a palette PNG (colour-coded masks must be converted first)"
+            f"map of class ids or a palette PNG (colour-coded masks: data.mask_format=rgb with data.palette)"
         )
     if not np.issubdtype(mask.dtype, np.integer):
         raise DatasetError(f"label file {display_path(path)} holds {mask.dtype} values; expected integer class ids")
