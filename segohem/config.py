@@ -21,7 +21,9 @@ from typing import Any, Literal
 
 import yaml
 
-DataKind = Literal["synthetic", "folder", "camvid"]
+DataKind = Literal["synthetic", "folder", "camvid", "cityscapes", "ade20k", "voc"]
+MaskFormat = Literal["index", "rgb", "binary"]
+VocTrainSet = Literal["auto", "train", "trainaug"]
 MiningMode = Literal["threshold", "topk", "none"]
 MiningScope = Literal["image", "batch"]
 RefineSampler = Literal["none", "image", "class"]
@@ -103,6 +105,11 @@ def _rgb_triples(value: list[list[int]]) -> str | None:
     return None if ok else "needs one [R, G, B] per class, each in 0..255"
 
 
+def _colour_list(value: list[list[int]]) -> str | None:
+    ok = all(len(rgb) == 3 and all(0 <= c <= 255 for c in rgb) for rgb in value)
+    return None if ok else "needs [R, G, B] colours, each value in 0..255"
+
+
 def _non_empty(value: list[Any]) -> str | None:
     return None if value else "is empty; give at least one value, e.g. [1.0]"
 
@@ -122,19 +129,42 @@ class RunConfig:
 class DataConfig:
     """Dataset, splits, classes and batching."""
 
-    kind: DataKind = setting("synthetic", "synthetic | folder | camvid")
-    root: str = setting("", "dataset root for folder / camvid")
+    kind: DataKind = setting("synthetic", "synthetic | folder | camvid | cityscapes | ade20k | voc")
+    root: str = setting(
+        "", "dataset root: folder / camvid: the split folders; cityscapes: holds leftImg8bit/ and gtFine/; "
+        "ade20k: ADEChallengeData2016 or its parent; voc: VOC2012, VOCdevkit or its parent"
+    )  # fmt: skip
     train_images: str = setting("train", "folder / camvid: image folder of the train split, relative to root")
     train_masks: str = setting("trainannot", "folder / camvid: label PNG folder of the train split, relative to root")
     val_images: str = setting("val", "folder / camvid: image folder of the val split, relative to root")
     val_masks: str = setting("valannot", "folder / camvid: label PNG folder of the val split, relative to root")
     test_images: str = setting("test", "folder / camvid: image folder of the test split, relative to root")
     test_masks: str = setting("testannot", "folder / camvid: label PNG folder of the test split, relative to root")
+    train_list: str = setting(
+        "", "folder / camvid: text file (relative to root) naming the train samples, one stem or path relative to "
+        "train_images / train_masks a line (suffix optional); empty: every image in train_images"
+    )  # fmt: skip
+    val_list: str = setting("", "folder / camvid: like train_list, for the val split (in val_images / val_masks)")
+    test_list: str = setting("", "folder / camvid: like train_list, for the test split (in test_images / test_masks)")
+    mask_format: MaskFormat = setting(
+        "index", "folder / camvid: index (label ids, 8 or 16 bit, or palette indices) | rgb (colours mapped "
+        "through palette; ignore_colors are ignored) | binary (0/255 or 0/1 -> classes 0 and 1)"
+    )  # fmt: skip
+    ignore_colors: list[list[int]] = setting(
+        [], "mask_format rgb: [R, G, B] colours read as the ignore id", check=_colour_list
+    )
+    voc_train_set: VocTrainSet = setting(
+        "auto", "voc: train split list; trainaug: SBD-augmented ImageSets/Segmentation/trainaug.txt (labels from "
+        "SegmentationClass, else SegmentationClassAug); auto: trainaug when it and SegmentationClassAug/ exist, "
+        "else train.txt"
+    )  # fmt: skip
     class_names: list[str] = setting([], "class names in label-id order; empty: the preset's")
     palette: list[list[int]] = setting(
         [], "RGB per class for masks and overlays; empty: the preset's", check=_rgb_triples
     )
-    ignore_index: int = setting(255, "label id that is never trained on nor scored")
+    ignore_index: int = setting(
+        255, "folder / synthetic: label id never trained on nor scored (named kinds: 255, camvid 11)"
+    )
     num_train: int = setting(320, "synthetic: images in the train split", ge=1)
     num_val: int = setting(64, "synthetic: images in the val split (and in the test split)", ge=1)
     image_size: list[int] = setting([96, 128], "synthetic: [H, W] of every image", lengths=(2,), ge=1)
@@ -142,6 +172,25 @@ class DataConfig:
     batch_size: int = setting(8, "training images per batch (per process)", ge=1)
     val_batch_size: int = setting(8, "evaluation images per batch (per process)", ge=1)
     num_workers: int = setting(0, "DataLoader worker processes; 0: load in the main process", ge=0)
+
+
+FILE_KINDS = ("folder", "camvid", "cityscapes", "ade20k", "voc")  # data kinds read from data.root
+FOLDER_KINDS = ("folder", "camvid")  # kinds whose layout and label encoding the config describes
+
+
+def _validate_data(data: DataConfig) -> None:
+    """A file kind needs a root; split lists and mask formats describe folder / camvid data only."""
+    if data.kind in FILE_KINDS and not data.root:
+        raise ConfigError(f"data.root is required for data.kind={data.kind}; set data.root=/path/to/dataset")
+    if data.kind in FOLDER_KINDS:
+        return
+    given = [f"data.{key}" for key in ("train_list", "val_list", "test_list") if getattr(data, key)]
+    given += ["data.mask_format"] if data.mask_format != "index" else []
+    if given and data.kind != "synthetic":
+        raise ConfigError(
+            f"{', '.join(given)} describe folder / camvid data; data.kind={data.kind} has its own layout and "
+            f"label encoding: remove them, or use data.kind=folder"
+        )
 
 
 @dataclass
@@ -479,9 +528,8 @@ def describe_config(config: Config) -> str:
 
 def validate(config: Config) -> None:
     """Checks that span several fields (one field's limits sit in its `setting`)."""
-    data, optim = config.data, config.optim
-    if data.kind in ("folder", "camvid") and not data.root:
-        raise ConfigError(f"data.root is required for data.kind={data.kind}; set data.root=/path/to/dataset")
+    optim = config.optim
+    _validate_data(config.data)
     if optim.min_lr > optim.lr:
         raise ConfigError(
             f"optim.min_lr: {optim.min_lr} is above optim.lr={optim.lr}; use a min_lr <= lr (the end of the decay)"

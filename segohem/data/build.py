@@ -2,41 +2,42 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 from segohem.config import AugmentConfig, ConfigError, DataConfig
-from segohem.data.datasets import DatasetError, FolderDataset, SegmentationDataset, SyntheticDataset
-from segohem.data.io import display_path
-from segohem.data.presets import PRESETS
+from segohem.data.datasets import PairedDataset, SegmentationDataset, SyntheticDataset
+from segohem.data.kinds import dataset_files, split_folders
+from segohem.data.presets import PRESETS, ClassInfo
 from segohem.data.transforms import build_eval_transform, build_train_transform
 
+__all__ = ["SPLITS", "ClassInfo", "build_dataset", "class_info", "split_folders"]
+
 SPLITS = ("train", "val", "test")  # the splits build_dataset knows; data.<split>_images/_masks name their folders
-
-
-@dataclass(frozen=True)
-class ClassInfo:
-    names: tuple[str, ...]
-    palette: tuple[tuple[int, int, int], ...]
-    ignore_index: int
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.names)
+BINARY_CLASSES = ("background", "foreground")  # data.mask_format=binary without data.class_names
 
 
 def class_info(cfg: DataConfig) -> ClassInfo:
-    """Class names, palette and ignore id: the config's where given, else the preset's."""
+    """Class names, palette and ignore id: the config's where given, else the preset's.
+
+    The ignore id of a named dataset (camvid, cityscapes, ade20k, voc) is its preset's: its
+    label encoding fixes it.
+    """
     preset = PRESETS.get(cfg.kind)
-    names = tuple(cfg.class_names) or (preset.class_names if preset else ())
+    binary = cfg.kind == "folder" and cfg.mask_format == "binary"
+    names = tuple(cfg.class_names) or (preset.class_names if preset else BINARY_CLASSES if binary else ())
     if not names:
         raise ConfigError(f"data.class_names is required for data.kind={cfg.kind}")
+    if binary and len(names) != 2:
+        raise ConfigError(f"data.class_names: data.mask_format=binary has 2 classes (0 and 1), not {len(names)}")
+    if cfg.mask_format == "rgb" and not (cfg.palette or preset):
+        raise ConfigError(
+            "data.palette is required for data.mask_format=rgb: it maps each mask colour to its class "
+            "(one [R, G, B] per class, in class-id order)"
+        )
     palette = tuple(tuple(c) for c in cfg.palette) or (preset.palette if preset else ())
     if not palette:  # a distinct, deterministic colour per class
         palette = tuple(((i * 97) % 256, (i * 57 + 80) % 256, (i * 151 + 40) % 256) for i in range(len(names)))
     if len(palette) != len(names) or any(len(c) != 3 for c in palette):
         raise ConfigError(f"data.palette needs one RGB triple per class ({len(names)} classes)")
-    ignore_index = preset.ignore_index if preset and cfg.kind == "camvid" else cfg.ignore_index
+    ignore_index = preset.ignore_index if preset and cfg.kind != "synthetic" else cfg.ignore_index
     if 0 <= ignore_index < len(names):
         raise ConfigError(f"data.ignore_index {ignore_index} collides with class '{names[ignore_index]}'")
     return ClassInfo(names, palette, ignore_index)  # type: ignore[arg-type]
@@ -47,7 +48,8 @@ def build_dataset(
 ) -> SegmentationDataset:
     """The dataset of ``split`` (one of `SPLITS`) with training or evaluation transforms.
 
-    Synthetic data sizes its test split like its val split (``data.num_val``), with other scenes.
+    Synthetic data sizes its test split like its val split (``data.num_val``), with other scenes;
+    the other kinds find their files as `segohem.data.kinds` describes.
     """
     if split not in SPLITS:
         raise ConfigError(f"split '{split}' is unknown; valid splits: {', '.join(SPLITS)}")
@@ -62,23 +64,5 @@ def build_dataset(
         length = data.num_train if split == "train" else data.num_val
         height, width = data.image_size
         return SyntheticDataset(split=split, length=length, image_size=(height, width), **common)  # type: ignore[arg-type]
-    image_dir, mask_dir = split_folders(data, split=split)
-    return FolderDataset(image_dir, mask_dir, **common)  # type: ignore[arg-type]
-
-
-def split_folders(data: DataConfig, *, split: str) -> tuple[Path, Path]:
-    """The (image folder, label folder) of ``split`` under ``data.root``; DatasetError naming the keys if absent."""
-    names = {
-        "train": (data.train_images, data.train_masks),
-        "val": (data.val_images, data.val_masks),
-        "test": (data.test_images, data.test_masks),
-    }[split]
-    root = Path(data.root)
-    for what, name in zip(("image", "label"), names, strict=True):
-        if not (root / name).is_dir():
-            raise DatasetError(
-                f"the {split} split's {what} folder {display_path(root / name)} does not exist; set "
-                f"data.{split}_images and data.{split}_masks to its image and label folders "
-                f"(relative to data.root={display_path(root)})"
-            )
-    return root / names[0], root / names[1]
+    pairs, read_labels = dataset_files(data, split=split, info=info)
+    return PairedDataset(pairs, read_labels=read_labels, **common)  # type: ignore[arg-type]
