@@ -120,9 +120,15 @@ def literal_fields():
 def test_choice_fields_are_literals_whose_errors_list_the_choices():
     found = dict(literal_fields())
     assert set(found) == {
-        "data.kind", "ohem.mode", "ohem.scope", "optim.name", "refine.sampler", "train.amp", "wandb.mode", "eval.mode"
+        "data.kind", "ohem.mode", "ohem.scope", "optim.name", "refine.sampler", "train.amp", "wandb.mode", "eval.mode",
+        "data.mask_format", "data.voc_train_set",
     }  # fmt: skip
-    needs = {"data.kind": ["data.root=/data"], "eval.mode": ["eval.crop=[64, 64]", "eval.stride=[32, 32]"]}
+    needs = {
+        "data.kind": ["data.root=/data"], "eval.mode": ["eval.crop=[64, 64]", "eval.stride=[32, 32]"],
+        "data.mask_format": ["data.kind=folder", "data.root=/data", "data.class_names=[a, b]",
+                             "data.palette=[[0, 0, 0], [255, 255, 255]]"],
+        "data.voc_train_set": ["data.kind=voc", "data.root=/data"],
+    }  # fmt: skip
     for key, choices in found.items():
         with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: 'bogus' is not one of {', '.join(choices)}$"):
             load_config(None, [f"{key}=bogus"])
