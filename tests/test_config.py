@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from segohem.config import Config, ConfigError, describe_config, load_config, parse_override, save_config
+from segohem.data import class_info
 from segohem.ohem import parse_amount
 
 
@@ -227,7 +228,7 @@ def test_every_config_file_loads():
     full, cityscapes = loaded["camvid_full.yaml"], loaded["cityscapes.yaml"]
     assert full.data.resize == [] and full.augment.scale == [0.5, 2.0] and full.eval.mode == "whole"
     assert cityscapes.eval.mode == "slide" and cityscapes.augment.crop == [512, 1024]
-    assert len(cityscapes.data.class_names) == len(cityscapes.data.palette) == 19
+    assert cityscapes.data.kind == "cityscapes" and class_info(cityscapes.data).num_classes == 19
 
 
 AMOUNTS: list[int | float | str] = [
