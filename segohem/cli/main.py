@@ -8,6 +8,7 @@ from pathlib import Path
 
 from segohem import __version__
 from segohem.cli.commands import run_eval, run_hard_pixels, run_mine, run_predict, run_viz
+from segohem.cli.export import run_export, run_predict_onnx
 from segohem.cli.train import run_train
 from segohem.config import Config, ConfigError, describe_config, load_config
 from segohem.data import SPLITS, dataset_error_message
@@ -30,7 +31,9 @@ def make_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", type=Path, help="also write the metrics as JSON here")
     ev.add_argument("overrides", nargs="*", metavar="key.sub=value")
     pr = commands.add_parser("predict", help="write label and colour PNGs for a folder of images")
-    pr.add_argument("--checkpoint", type=Path, required=True)
+    source = pr.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path)
+    source.add_argument("--model", type=Path, help="an ONNX model written by `segohem export` instead")
     pr.add_argument("--input", type=Path, required=True)
     pr.add_argument("--output", type=Path, required=True)
     pr.add_argument("overrides", nargs="*", metavar="key.sub=value")
@@ -54,6 +57,14 @@ def make_parser() -> argparse.ArgumentParser:
     vz.add_argument("--split", default="train", choices=SPLITS)
     vz.add_argument("--output", type=Path, help="default: RUN/gallery")
     vz.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    ex = commands.add_parser("export", help="write a checkpoint's model as ONNX, preprocessing and classes included")
+    ex.add_argument("--checkpoint", type=Path, required=True)
+    ex.add_argument("--format", default="onnx", choices=("onnx",))
+    ex.add_argument("--height", type=int, help="fixed input height, a multiple of augment.pad_divisor (32)")
+    ex.add_argument("--width", type=int, help="fixed input width; default for both: data.resize, padded")
+    ex.add_argument("--dynamic", action="store_true", help="any height and width the model takes")
+    ex.add_argument("--output", type=Path, help="default: the checkpoint's path with .onnx")
+    ex.add_argument("overrides", nargs="*", metavar="key.sub=value")
     rf = commands.add_parser("refine", help="a refinement stage driven by a run's hard-pixel dictionary")
     rf.add_argument("--run", type=Path, required=True, help="the base run folder")
     rf.add_argument("--checkpoint", default="last.pt", help="checkpoint in the run folder to continue from")
@@ -107,6 +118,14 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "eval":
         run_eval(args.checkpoint, split=args.split, overrides=args.overrides, output=args.output)
         return 0
+    if args.command == "export":
+        run_export(args.checkpoint, fmt=args.format, output=args.output, height=args.height, width=args.width,
+                   dynamic=args.dynamic, overrides=args.overrides)  # fmt: skip
+        return 0
+    if args.model is not None:
+        if args.overrides:
+            raise ConfigError(f"{args.overrides[0]}: an ONNX model takes no overrides (its settings are its metadata)")
+        return run_predict_onnx(args.model, input_dir=args.input, output_dir=args.output)
     return run_predict(args.checkpoint, input_dir=args.input, output_dir=args.output, overrides=args.overrides)
 
 
