@@ -107,7 +107,7 @@ main() {
         echo "=== torchrun 2 GPUs: skipped (one GPU)"
     fi
     # last, and bounded: compilation time varies most
-    stage "step bench compiled" timeout 240 "$PYTHON" scripts/bench_step.py --device cuda --compile --steps 10 \
+    stage "step bench compiled" timeout 150 "$PYTHON" scripts/bench_step.py --device cuda --compile --steps 10 \
         --warmup 5
     echo
     local failed_names

@@ -151,8 +151,8 @@ def train_one_epoch(run: TrainingRun, loader: DataLoader[Any], *, logger: Logger
         if run.bank is not None and loss_finite:
             run.bank.update(
                 sample_ids=batch["sample_id"], hard_mask=result.hard_mask, pixel_loss=result.pixel_loss,
-                target=masks, pred=logits.detach().argmax(1), source_yx=batch["source_yx"].to(device),
-                source_hw=batch["source_hw"], epoch=run.progress.epoch,
+                target=masks, pred=logits.detach().argmax(1), epoch=run.progress.epoch,
+                source_yx=batch["source_yx"].to(device, non_blocking=True), source_hw=batch["source_hw"],
             )  # fmt: skip
         group.losses.append(result.loss.detach())
         group.kept.append(result.kept_fraction.mean())
