@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from segohem import __version__
+from segohem.cli.check_data import run_check_data
 from segohem.cli.commands import run_eval, run_hard_pixels, run_mine, run_predict, run_viz
 from segohem.cli.export import run_export, run_predict_onnx
 from segohem.cli.train import run_train
@@ -65,6 +66,12 @@ def make_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dynamic", action="store_true", help="any height and width the model takes")
     ex.add_argument("--output", type=Path, help="default: the checkpoint's path with .onnx")
     ex.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    cd = commands.add_parser("check-data", help="scan a dataset for problems; class shares and suggested weights")
+    cd.add_argument("--config", type=Path)
+    cd.add_argument("--split", default="all", choices=(*SPLITS, "all"))
+    cd.add_argument("--format", default="table", choices=("table", "json"))
+    cd.add_argument("--workers", type=int, help="processes reading files (default: one per CPU core)")
+    cd.add_argument("overrides", nargs="*", metavar="key.sub=value")
     rf = commands.add_parser("refine", help="a refinement stage driven by a run's hard-pixel dictionary")
     rf.add_argument("--run", type=Path, required=True, help="the base run folder")
     rf.add_argument("--checkpoint", default="last.pt", help="checkpoint in the run folder to continue from")
@@ -122,6 +129,9 @@ def dispatch(args: argparse.Namespace) -> int:
         run_export(args.checkpoint, fmt=args.format, output=args.output, height=args.height, width=args.width,
                    dynamic=args.dynamic, overrides=args.overrides)  # fmt: skip
         return 0
+    if args.command == "check-data":
+        cfg = load_config(args.config, args.overrides)
+        return run_check_data(cfg, split=args.split, fmt=args.format, workers=args.workers)
     if args.model is not None:
         if args.overrides:
             raise ConfigError(f"{args.overrides[0]}: an ONNX model takes no overrides (its settings are its metadata)")
