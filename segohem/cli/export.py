@@ -55,7 +55,7 @@ def require(module: str) -> ModuleType:
 
 def input_divisor(model: nn.Module) -> int:
     """The number the model's input height and width must be multiples of, as smp declares it: the
-    encoder's output stride (32 for FPN, PSPNet or Segformer with 5 stages, 16 for DeepLabV3+), or 1
+    encoder's output stride (32 for FPN, Unet++ or Segformer with 5 stages, 16 for DeepLabV3+), or 1
     for Unet, whose decoder (smp >= 0.5) resizes to each skip connection and takes any size."""
     base: Any = getattr(model, "base", model)  # a RefinedModel wraps the smp model
     if not getattr(base, "requires_divisible_input_shape", False):
