@@ -134,7 +134,10 @@ def test_cuda_selection_equals_the_cpu_selection(size):
         expected = select_hard_pixels(pixel_loss, valid, **rule)
         actual = select_hard_pixels(pixel_loss.cuda(), valid.cuda(), **rule)
         for name, want, got in zip(expected._fields, expected, actual, strict=True):
-            assert torch.equal(got.cpu(), want), (name, where)
+            if name == "prob_threshold":  # exp() of the same loss may round differently on the two devices
+                torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=0, msg=f"{name} {where}")
+            else:
+                assert torch.equal(got.cpu(), want), (name, where)
 
 
 def test_a_bad_label_on_cuda_trips_a_device_side_assert():
