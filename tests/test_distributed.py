@@ -98,3 +98,11 @@ def test_kill_and_resume_under_torchrun_continues_exactly(tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     bank_a, bank_b = load_bank(tmp_path / "straight" / "hard_pixels.sqlite"), load_bank(killed / "hard_pixels.sqlite")
     assert {k: s.seen for k, s in bank_a.samples.items()} == {k: s.seen for k, s in bank_b.samples.items()}
+
+
+def test_gradient_accumulation_under_torchrun_steps_once_per_group(tmp_path):
+    run(torchrun("train", f"run.output_dir={tmp_path}", "run.name=acc", "data.batch_size=2", "optim.accumulate=2",
+                 *TINY, "train.epochs=1"))  # fmt: skip
+    checkpoint = load_checkpoint(tmp_path / "acc" / "last.pt")
+    assert checkpoint["progress"]["step"] == 2  # 16 images / (2 processes x 2 images) / 2 micro-batches
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point())

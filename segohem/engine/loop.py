@@ -71,6 +71,13 @@ class _Group(NamedTuple):
     thresholds: list[torch.Tensor]
 
 
+def _no_sync(model: nn.Module, *, skip: bool) -> AbstractContextManager[Any]:
+    """DistributedDataParallel's ``no_sync`` when ``skip`` (a micro-batch before the last of its group)."""
+    if skip and isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return nullcontext()
+
+
 def _step_means(group: _Group) -> tuple[float, float, float]:
     """Loss, kept fraction and threshold of one optimizer step, averaged over micro-batches and
     ranks (one small all-reduce under DDP, then one host sync)."""
@@ -140,11 +147,14 @@ def train_one_epoch(run: TrainingRun, loader: DataLoader[Any], *, logger: Logger
             saved_buffers = [buffer.detach().clone() for buffer in run.model.buffers()]
         images = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
         masks = batch["mask"].to(device, non_blocking=True)
-        with autocast_context(device, train_cfg.amp):
-            logits = model(images)
-        pixel_weight = batch["pixel_weight"].to(device) if "pixel_weight" in batch else None
-        result = run.loss_fn(logits, masks, step=run.progress.step, pixel_weight=pixel_weight)
-        run.scaler.scale(result.loss / group_size).backward()
+        last_of_group = batch_index + 1 == group_start + group_size
+        # Under DDP, gradients are all-reduced once per optimizer step, not per micro-batch.
+        with _no_sync(model, skip=not last_of_group):
+            with autocast_context(device, train_cfg.amp):
+                logits = model(images)
+            pixel_weight = batch["pixel_weight"].to(device) if "pixel_weight" in batch else None
+            result = run.loss_fn(logits, masks, step=run.progress.step, pixel_weight=pixel_weight)
+            run.scaler.scale(result.loss / group_size).backward()
         # Host sync per micro-batch: a non-finite loss must not reach the dictionary either.
         loss_finite = bool(torch.isfinite(result.loss))
         group_finite &= loss_finite
@@ -158,7 +168,7 @@ def train_one_epoch(run: TrainingRun, loader: DataLoader[Any], *, logger: Logger
         group.kept.append(result.kept_fraction.mean())
         group.thresholds.append(result.prob_threshold.mean())
         window_images += images.shape[0]
-        if batch_index + 1 < group_start + group_size:
+        if not last_of_group:
             continue
         if not _optimizer_step(run, group_finite=group_finite):
             with torch.no_grad():  # the forward passes already moved them, maybe to NaN
