@@ -24,16 +24,21 @@ class SampleStats:
 
     hard_acc / seen_acc: (grid_h, grid_w) per-cell decayed sums of hard and of observed valid
     pixels, in original-image cells of ``cell_size`` pixels; hardness = hard_acc / seen_acc.
-    confusion: (C, C) int64 hard pixels by true class (rows) and predicted class (columns):
-    row sums are hard pixels per class ("hard positives": pixels of c the model struggles
-    with), column sums minus the diagonal are "hard negatives" (pixels wrongly called c).
+    The (C, C) confusion of hard pixels by true class (rows) and predicted class (columns) is
+    held sparse, since an image meets a few of the C classes (a dense one is 180 kB at C=150):
+    confusion_pairs (K,) int32 sorted flat indices true * C + pred of its non-zero entries,
+    confusion_counts (K,) int64 their hard pixels. `dense_confusion` builds the matrix; its row
+    sums are `hard_positives` (pixels of c the model struggles with), its column sums minus the
+    diagonal `hard_negatives` (pixels wrongly called c).
     """
 
     height: int
     width: int
     hard_acc: np.ndarray
     seen_acc: np.ndarray
-    confusion: np.ndarray
+    num_classes: int
+    confusion_pairs: np.ndarray
+    confusion_counts: np.ndarray
     seen: int = 0
     ema_kept_fraction: float = 0.0
     ema_hard_loss: float = 0.0
@@ -49,6 +54,37 @@ class SampleStats:
     def score(self) -> float:
         """Image-level hardness: EMA kept fraction x EMA mean hard loss."""
         return self.ema_kept_fraction * self.ema_hard_loss
+
+    def dense_confusion(self) -> np.ndarray:
+        """(C, C) int64 hard pixels by (true, predicted) class, built from the sparse entries."""
+        dense = np.zeros(self.num_classes**2, np.int64)
+        dense[self.confusion_pairs] = self.confusion_counts
+        return dense.reshape(self.num_classes, self.num_classes)
+
+    @property
+    def confusion(self) -> np.ndarray:
+        """A new dense (C, C) copy, `dense_confusion`; writing to it changes nothing."""
+        return self.dense_confusion()
+
+    def hard_positives(self) -> np.ndarray:
+        """(C,) int64 hard pixels per true class (the confusion's row sums)."""
+        return _class_sums(self.confusion_pairs // self.num_classes, self.confusion_counts, self.num_classes)
+
+    def hard_negatives(self) -> np.ndarray:
+        """(C,) int64 hard pixels wrongly predicted as each class (column sums without the diagonal)."""
+        true_class, pred_class = np.divmod(self.confusion_pairs, self.num_classes)
+        wrong = true_class != pred_class
+        return _class_sums(pred_class[wrong], self.confusion_counts[wrong], self.num_classes)
+
+    def add_confusion(self, confusion: np.ndarray) -> None:
+        """Add a dense (C, C) int64 confusion of new hard pixels to the sparse entries."""
+        new_pairs = np.flatnonzero(confusion).astype(np.int32)
+        if not len(new_pairs):
+            return
+        pairs, where = np.unique(np.concatenate([self.confusion_pairs, new_pairs]), return_inverse=True)
+        counts = np.zeros(len(pairs), np.int64)
+        np.add.at(counts, where, np.concatenate([self.confusion_counts, confusion.ravel()[new_pairs]]))
+        self.confusion_pairs, self.confusion_counts = pairs.astype(np.int32), counts
 
 
 @dataclass
@@ -115,7 +151,7 @@ class HardPixelBank:
             grid = (math.ceil(height / self.cell_size), math.ceil(width / self.cell_size))
             stats = SampleStats(
                 height=height, width=width, hard_acc=np.zeros(grid, np.float32), seen_acc=np.zeros(grid, np.float32),
-                confusion=np.zeros((self.num_classes, self.num_classes), np.int64),
+                **_empty_confusion(self.num_classes),
             )  # fmt: skip
             self._samples[sample_id] = stats
         return stats
@@ -216,7 +252,7 @@ class HardPixelBank:
             observed = seen > 0
             stats.hard_acc[observed] = self.momentum * stats.hard_acc[observed] + hard[observed]
             stats.seen_acc[observed] = self.momentum * stats.seen_acc[observed] + seen[observed]
-            stats.confusion += confusion[i]
+            stats.add_confusion(confusion[i])
             kept_fraction = float(kept[i]) / max(1, int(valid[i]))
             hard_loss = float(values[len(values) - num_images + i]) / max(1, int(kept[i]))
             weight = self.momentum if stats.seen else 0.0
@@ -242,7 +278,7 @@ class HardPixelBank:
         """Take ``state``'s values as copies: updating this bank never changes the dict (or bank) it came from."""
         self.flush()
         self.num_classes, self.cell_size, self.momentum = state["num_classes"], state["cell_size"], state["momentum"]
-        self._samples = {k: SampleStats(**_copied_fields(v)) for k, v in state["samples"].items()}
+        self._samples = {k: SampleStats(**_sparse_fields(_copied_fields(v))) for k, v in state["samples"].items()}
         self._epochs = {int(k): EpochClassStats(**_copied_fields(v)) for k, v in state["epochs"].items()}
 
 
@@ -276,3 +312,31 @@ def _to_device(rows: list[list[int]], device: torch.device) -> Tensor:
 def _copied_fields(fields: dict[str, Any]) -> dict[str, Any]:
     """A copy of a dataclass's fields with every array copied too."""
     return {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in fields.items()}
+
+
+def _empty_confusion(num_classes: int) -> dict[str, Any]:
+    """`SampleStats`' confusion fields for an image with no hard pixel yet."""
+    return {"num_classes": num_classes, "confusion_pairs": np.zeros(0, np.int32),
+            "confusion_counts": np.zeros(0, np.int64)}  # fmt: skip
+
+
+def _sparse_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """A sample's saved fields, with a dense ``confusion`` (a bank saved before it was sparse) made sparse."""
+    if "confusion" not in fields:
+        return fields
+    sparse = confusion_fields(fields.pop("confusion"))
+    return {**fields, **sparse}
+
+
+def confusion_fields(confusion: np.ndarray) -> dict[str, Any]:
+    """`SampleStats`' sparse confusion fields holding a dense (C, C) int64 ``confusion``."""
+    pairs = np.flatnonzero(confusion)
+    counts = np.asarray(confusion, np.int64).ravel()[pairs]
+    return {"num_classes": len(confusion), "confusion_pairs": pairs.astype(np.int32), "confusion_counts": counts}
+
+
+def _class_sums(class_ids: np.ndarray, counts: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C,) int64 sums of ``counts`` per class id (exact, unlike a float-weighted bincount)."""
+    sums = np.zeros(num_classes, np.int64)
+    np.add.at(sums, class_ids, counts)
+    return sums

@@ -212,11 +212,12 @@ def _bank_rows(bank: HardPixelBank, *, class_names: list[str] | tuple[str, ...],
     for sample_id, s in bank.samples.items():
         sample_rows.append((
             sample_id, s.height, s.width, s.seen, s.ema_kept_fraction, s.ema_hard_loss, s.score,
-            int(s.confusion.sum()), s.last_epoch, *s.hard_acc.shape, pack_array(s.hard_acc), pack_array(s.seen_acc),
+            int(s.confusion_counts.sum()), s.last_epoch, *s.hard_acc.shape, pack_array(s.hard_acc),
+            pack_array(s.seen_acc),
         ))  # fmt: skip
-        true_ids, pred_ids = np.nonzero(s.confusion)
+        true_ids, pred_ids = np.divmod(s.confusion_pairs, bank.num_classes)
         confusion_rows += [
-            (sample_id, int(t), int(p), int(s.confusion[t, p])) for t, p in zip(true_ids, pred_ids, strict=True)
+            (sample_id, int(t), int(p), int(n)) for t, p, n in zip(true_ids, pred_ids, s.confusion_counts, strict=True)
         ]
     epoch_rows = [
         (e, c, class_names[c], int(h.hard[c]), int(h.valid[c]), float(h.hard[c]) / max(1, int(h.valid[c])))
@@ -330,16 +331,30 @@ def load_bank(path: str | Path) -> HardPixelBank:
                 height=height, width=width, seen=seen, ema_kept_fraction=kept, ema_hard_loss=loss,
                 last_epoch=last_epoch, hard_acc=unpack_array(hard_blob, (grid_h, grid_w)),
                 seen_acc=unpack_array(seen_blob, (grid_h, grid_w)),
-                confusion=np.zeros((num_classes, num_classes), np.int64),
+                num_classes=num_classes, confusion_pairs=np.zeros(0, np.int32),
+                confusion_counts=np.zeros(0, np.int64),
             )  # fmt: skip
-        for sample_id, true_class, pred_class, pixels in db.execute("SELECT * FROM sample_confusion"):
-            bank.samples[sample_id].confusion[true_class, pred_class] = pixels
+        for sample_id, entries in _read_confusions(db, num_classes).items():
+            sample = bank.samples[sample_id]
+            sample.confusion_pairs = np.array([pair for pair, _ in entries], np.int32)
+            sample.confusion_counts = np.array([pixels for _, pixels in entries], np.int64)
         for epoch, class_id, _, hard, valid, _ in db.execute("SELECT * FROM epoch_classes"):
             stats = bank.epochs.setdefault(
                 epoch, EpochClassStats(np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64))
             )
             stats.hard[class_id], stats.valid[class_id] = hard, valid
     return bank
+
+
+def _read_confusions(db: sqlite3.Connection, num_classes: int) -> dict[str, list[tuple[int, int]]]:
+    """sample_id -> its (true * C + pred, pixels) confusion entries, sorted as `SampleStats` keeps them."""
+    confusions: dict[str, list[tuple[int, int]]] = {}
+    query = "SELECT * FROM sample_confusion ORDER BY sample_id, true_class, pred_class"
+    for sample_id, true_class, pred_class, pixels in db.execute(query):
+        if not (0 <= true_class < num_classes and 0 <= pred_class < num_classes):
+            raise IndexError(f"confusion entry ({true_class}, {pred_class}) of {sample_id!r} is outside the classes")
+        confusions.setdefault(sample_id, []).append((true_class * num_classes + pred_class, pixels))
+    return confusions
 
 
 def save_mined(path: str | Path, rows: list[tuple[str, np.ndarray, np.ndarray]]) -> None:

@@ -33,7 +33,7 @@ def image_weights(bank: HardPixelBank, sample_ids: list[str], *, score: str, flo
     if score == "image":
         raw = np.array([s.score if s is not None else np.nan for s in known])
     else:
-        per_class = np.stack([s.confusion.sum(1) if s is not None else np.zeros(bank.num_classes) for s in known])
+        per_class = np.stack([s.hard_positives() if s is not None else np.zeros(bank.num_classes) for s in known])
         totals = per_class.sum(0)
         raw = (per_class[:, totals > 0] / totals[totals > 0]).sum(1)
         raw[[s is None for s in known]] = np.nan

@@ -44,7 +44,9 @@ def test_update_arithmetic_by_hand():
     s = bank.samples["x"]
     assert s.seen == 1 and s.ema_kept_fraction == pytest.approx(4 / 12) and s.ema_hard_loss == pytest.approx(2.0)
     # hard pixels: (0,0) a->a, (0,1) a->b, (1,2) b->a, (2,0) c->b
-    assert s.confusion.tolist() == [[1, 1, 0], [1, 0, 0], [0, 1, 0]]
+    assert s.dense_confusion().tolist() == [[1, 1, 0], [1, 0, 0], [0, 1, 0]]
+    assert s.confusion_pairs.tolist() == [0, 1, 3, 7] and s.confusion_counts.tolist() == [1, 1, 1, 1]
+    assert s.hard_positives().tolist() == [2, 1, 1] and s.hard_negatives().tolist() == [1, 2, 0]
     np.testing.assert_allclose(s.hardness, [[0.5, 0.25], [0.25, np.nan]])
     assert bank.epochs[0].hard.tolist() == [2, 1, 1] and bank.epochs[0].valid.tolist() == [4, 4, 4]
     # second observation: nothing hard; EMAs halve, cell sums decay by momentum
@@ -67,7 +69,7 @@ def test_state_dict_round_trip(tmp_path):
     for key in bank.samples:
         a, b = bank.samples[key], restored.samples[key]
         assert a.seen == b.seen and a.ema_hard_loss == b.ema_hard_loss
-        assert np.array_equal(a.hard_acc, b.hard_acc) and np.array_equal(a.confusion, b.confusion)
+        assert np.array_equal(a.hard_acc, b.hard_acc) and np.array_equal(a.dense_confusion(), b.dense_confusion())
     assert np.array_equal(restored.epochs[0].hard, bank.epochs[0].hard)
 
 
@@ -119,24 +121,27 @@ def update_img1(bank):
 def test_load_state_dict_copies_so_the_loaded_bank_and_its_source_stay_apart():
     source = filled_bank()
     state = source.state_dict()
-    confusion, hard_acc = source.samples["img1"].confusion.copy(), source.samples["img1"].hard_acc.copy()
+    confusion, hard_acc = source.samples["img1"].dense_confusion(), source.samples["img1"].hard_acc.copy()
+    counts = source.samples["img1"].confusion_counts.copy()
     epoch_hard = source.epochs[0].hard.copy()
     loaded = HardPixelBank(1)
     loaded.load_state_dict(state)
     update_img1(loaded)
-    assert loaded.samples["img1"].confusion[1, 0] == confusion[1, 0] + 64  # the update did land
+    assert loaded.samples["img1"].dense_confusion()[1, 0] == confusion[1, 0] + 64  # the update did land
+    assert np.array_equal(source.samples["img1"].dense_confusion(), confusion)
     for arrays in (vars(source.samples["img1"]), state["samples"]["img1"]):
-        assert np.array_equal(arrays["confusion"], confusion) and np.array_equal(arrays["hard_acc"], hard_acc)
+        assert np.array_equal(arrays["confusion_counts"], counts) and np.array_equal(arrays["hard_acc"], hard_acc)
     assert np.array_equal(source.epochs[0].hard, epoch_hard) and np.array_equal(state["epochs"][0]["hard"], epoch_hard)
 
 
 def test_state_dict_is_a_snapshot_that_later_updates_leave_alone():
     bank = filled_bank()
     state = bank.state_dict()
-    confusion, epoch_hard = state["samples"]["img1"]["confusion"].copy(), state["epochs"][0]["hard"].copy()
+    counts, epoch_hard = state["samples"]["img1"]["confusion_counts"].copy(), state["epochs"][0]["hard"].copy()
+    confusion = bank.samples["img1"].dense_confusion()
     update_img1(bank)
-    assert bank.samples["img1"].confusion[1, 0] == confusion[1, 0] + 64
-    assert np.array_equal(state["samples"]["img1"]["confusion"], confusion)
+    assert bank.samples["img1"].dense_confusion()[1, 0] == confusion[1, 0] + 64
+    assert np.array_equal(state["samples"]["img1"]["confusion_counts"], counts)
     assert np.array_equal(state["epochs"][0]["hard"], epoch_hard)
 
 
@@ -147,7 +152,7 @@ def test_store_round_trip_and_queries(tmp_path):
     restored = load_bank(path)
     for key, stats in bank.samples.items():
         np.testing.assert_allclose(restored.samples[key].hardness, stats.hardness, rtol=1e-3)
-        assert np.array_equal(restored.samples[key].confusion, stats.confusion)
+        assert np.array_equal(restored.samples[key].dense_confusion(), stats.dense_confusion())
     assert read_meta(path)["class_names"] == list(CLASSES)
     top = hardest_images(path)
     assert [r["sample_id"] for r in top] == ["img2", "img1"]  # all 64 pixels hard vs 48 of 64
@@ -210,7 +215,8 @@ def test_a_kill_during_a_save_leaves_the_previous_state_readable(tmp_path):
         for i in range(50):
             bank.samples[f"new{{i}}"] = SampleStats(
                 height=4, width=4, hard_acc=np.ones((1, 1), np.float32), seen_acc=np.ones((1, 1), np.float32),
-                confusion=np.zeros((3, 3), np.int64), seen=1)
+                num_classes=3, confusion_pairs=np.zeros(0, np.int32), confusion_counts=np.zeros(0, np.int64),
+                seen=1)
         bank_store.save_bank(bank, {str(path)!r}, class_names=("a", "b", "c"), epoch=2)
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
@@ -237,7 +243,9 @@ def reference_update(bank, *, sample_ids, hard_mask, pixel_loss, target, pred, s
         stats.hard_acc[observed] = bank.momentum * stats.hard_acc[observed] + hard_cells[observed]
         stats.seen_acc[observed] = bank.momentum * stats.seen_acc[observed] + seen[observed]
         true_class = target[i].clamp(0, num_classes - 1).numpy()[hard]
-        np.add.at(stats.confusion, (true_class, pred[i].clamp(0, num_classes - 1).numpy()[hard]), 1)
+        confusion = np.zeros((num_classes, num_classes), np.int64)
+        np.add.at(confusion, (true_class, pred[i].clamp(0, num_classes - 1).numpy()[hard]), 1)
+        stats.add_confusion(confusion)
         num_kept = int(hard.sum())
         hard_loss_sum = float((pixel_loss.float() * hard_mask).flatten(1).sum(1)[i])
         weight = bank.momentum if stats.seen else 0.0
@@ -341,3 +349,54 @@ def test_updates_in_flight_fold_in_order_before_any_read(monkeypatch):
     restored = HardPixelBank(1)
     restored.load_state_dict(state)
     assert_same_banks(restored, expected)
+
+
+def test_sparse_confusion_equals_a_dense_reference_at_150_classes():
+    """Random updates over a few of 150 classes: the sparse entries give exactly the dense sums."""
+    num_classes, gen = 150, torch.Generator().manual_seed(3)
+    bank, dense = HardPixelBank(num_classes, cell_size=4), {}
+    for _ in range(20):
+        arguments = random_update(gen)
+        classes = torch.randperm(num_classes, generator=gen)[:6]  # each batch meets its own few classes
+        arguments["target"] = torch.where(arguments["target"] == 255, 255, classes[arguments["target"] % 6])
+        arguments["pred"] = classes[arguments["pred"]]
+        bank.update(**arguments)
+        for i, sample_id in enumerate(arguments["sample_ids"]):
+            hard = arguments["hard_mask"][i]
+            matrix = dense.setdefault(sample_id, np.zeros((num_classes, num_classes), np.int64))
+            np.add.at(matrix, (arguments["target"][i][hard].numpy(), arguments["pred"][i][hard].numpy()), 1)
+    assert bank.samples.keys() == dense.keys()
+    for sample_id, matrix in dense.items():
+        stats = bank.samples[sample_id]
+        assert np.array_equal(stats.dense_confusion(), matrix)
+        assert np.array_equal(stats.hard_positives(), matrix.sum(1))
+        assert np.array_equal(stats.hard_negatives(), matrix.sum(0) - np.diag(matrix))
+        assert np.all(np.diff(stats.confusion_pairs) > 0) and np.all(stats.confusion_counts > 0)
+    restored = HardPixelBank(1)
+    restored.load_state_dict(bank.state_dict())
+    assert_same_banks(restored, bank)
+
+
+def test_state_is_small_at_150_classes():
+    """A 64x64 image with a few confused pairs costs its maps and a few entries, not a 180 kB (C, C) matrix."""
+    bank = HardPixelBank(150, cell_size=8)
+    target = torch.tensor([3, 70, 149]).repeat_interleave(22)[:64].view(1, 64, 1).expand(1, 64, 64).contiguous()
+    pred = torch.where(torch.arange(64) % 3 == 0, 12, target)  # (1, 64, 64): some pixels called class 12
+    hard = torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(4)) < 0.5
+    for _ in range(3):
+        update(bank, hard=hard, loss=hard.float(), target=target, pred=pred, sample_ids=("x",))
+    arrays = [v for v in bank.state_dict()["samples"]["x"].values() if isinstance(v, np.ndarray)]
+    assert len(bank.samples["x"].confusion_pairs) == 6  # 3 classes, each right and called 12
+    assert sum(a.nbytes for a in arrays) == 2 * 8 * 8 * 4 + 6 * (4 + 8)  # hard_acc, seen_acc and 6 entries
+
+
+def test_a_saved_dense_confusion_loads_as_sparse():
+    """A bank state from before the confusion was sparse holds a (C, C) ``confusion``; it loads the same."""
+    bank = filled_bank()
+    state = bank.state_dict()
+    for key, fields in state["samples"].items():
+        dense_fields = {k: v for k, v in fields.items() if not k.startswith("confusion_") and k != "num_classes"}
+        state["samples"][key] = {**dense_fields, "confusion": bank.samples[key].dense_confusion()}
+    restored = HardPixelBank(1)
+    restored.load_state_dict(state)
+    assert_same_banks(restored, bank)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segohem.bank import EpochClassStats, HardPixelBank, SampleStats
+from segohem.bank import EpochClassStats, HardPixelBank, SampleStats, confusion_fields
 from segohem.bank_report import class_hardness, confused_pairs, hardest_images
 from segohem.bank_store import (
     TEMP_PREFIX,
@@ -43,7 +43,7 @@ def big_bank(num_samples=300, *, seed=0):
         seen_acc = gen.integers(1, 16, (6, 8)).astype(np.float32)
         bank.samples[f"s{i}"] = SampleStats(
             height=24, width=32, hard_acc=np.floor(seen_acc * gen.random((6, 8))).astype(np.float32),
-            seen_acc=seen_acc, confusion=gen.integers(0, 50, (3, 3)), seen=int(gen.integers(1, 5)),
+            seen_acc=seen_acc, **confusion_fields(gen.integers(0, 50, (3, 3))), seen=int(gen.integers(1, 5)),
             ema_kept_fraction=float(gen.random()), ema_hard_loss=float(gen.random() * 3), last_epoch=2,
         )  # fmt: skip
     for epoch in range(3):
@@ -65,7 +65,9 @@ def assert_same_bank(restored, bank):
         assert back.ema_hard_loss == stats.ema_hard_loss and back.ema_kept_fraction == stats.ema_kept_fraction
         np.testing.assert_array_equal(back.hard_acc, stats.hard_acc)  # small integers: exact in float16
         np.testing.assert_array_equal(back.seen_acc, stats.seen_acc)
-        np.testing.assert_array_equal(back.confusion, stats.confusion)
+        np.testing.assert_array_equal(back.dense_confusion(), stats.dense_confusion())
+        np.testing.assert_array_equal(back.confusion_pairs, stats.confusion_pairs)
+        np.testing.assert_array_equal(back.confusion_counts, stats.confusion_counts)
     assert sorted(restored.epochs) == sorted(bank.epochs)
     for epoch, history in bank.epochs.items():
         np.testing.assert_array_equal(restored.epochs[epoch].hard, history.hard)

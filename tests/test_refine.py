@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from segohem.bank import EpochClassStats, HardPixelBank, SampleStats
+from segohem.bank import EpochClassStats, HardPixelBank, SampleStats, confusion_fields
 from segohem.cli import main, run_train
 from segohem.config import load_config
 from segohem.data import build_dataset
@@ -18,7 +18,7 @@ def stats(score, class_hard, grid=(12, 16)):
     confusion = np.diag(np.asarray(class_hard, np.int64))
     return SampleStats(
         height=96, width=128, hard_acc=np.zeros(grid, np.float32), seen_acc=np.ones(grid, np.float32),
-        confusion=confusion, seen=1, ema_kept_fraction=1.0, ema_hard_loss=score,
+        **confusion_fields(confusion), seen=1, ema_kept_fraction=1.0, ema_hard_loss=score,
     )  # fmt: skip
 
 
@@ -57,7 +57,7 @@ def hard_corner_bank():
     hardness[9:12, 13:16] = 1.0  # bottom-right corner of the 96x128 original
     bank.samples["synthetic-train-00000"] = SampleStats(
         height=96, width=128, hard_acc=hardness.copy(), seen_acc=np.ones_like(hardness),
-        confusion=np.zeros((7, 7), np.int64), seen=1,
+        **confusion_fields(np.zeros((7, 7), np.int64)), seen=1,
     )  # fmt: skip
     return bank
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from segohem.bank import HardPixelBank
+from segohem.bank import HardPixelBank, SampleStats
 from segohem.config import EvalConfig
 from segohem.data.datasets import SegmentationDataset
 from segohem.engine.inference import eval_logits
@@ -69,12 +69,22 @@ def bank_rows(
         thumbnail = cv2.resize(
             image, (thumbnail_width, max(1, round(image.shape[0] * scale))), interpolation=cv2.INTER_AREA
         )
-        off_diagonal = stats.confusion * (1 - np.eye(len(class_names), dtype=np.int64))
-        true_id, pred_id = np.unravel_index(int(off_diagonal.argmax()), off_diagonal.shape)
-        pair = f"{class_names[true_id]} -> {class_names[pred_id]} ({off_diagonal[true_id, pred_id]})"
         rows.append(BankRow(
             sample_id, thumbnail, stats.hardness, stats.ema_kept_fraction, stats.score,
-            pair if off_diagonal.any() else "-",
-            {name: int(n) for name, n in zip(class_names, stats.confusion.sum(1), strict=True)},
+            _top_confusion(stats, class_names),
+            {name: int(n) for name, n in zip(class_names, stats.hard_positives(), strict=True)},
         ))  # fmt: skip
     return rows
+
+
+def _top_confusion(stats: SampleStats, class_names: tuple[str, ...]) -> str:
+    """The "true -> predicted (hard pixels)" of the image's most frequent confusion, "-" if none.
+
+    Ties go to the smallest flat index true * C + pred, as an argmax over the dense matrix would.
+    """
+    true_ids, pred_ids = np.divmod(stats.confusion_pairs, stats.num_classes)
+    wrong = np.flatnonzero((true_ids != pred_ids) & (stats.confusion_counts > 0))  # sorted, as the dense argmax
+    if not len(wrong):
+        return "-"
+    top = wrong[int(stats.confusion_counts[wrong].argmax())]
+    return f"{class_names[true_ids[top]]} -> {class_names[pred_ids[top]]} ({stats.confusion_counts[top]})"
