@@ -4,6 +4,7 @@ import dataclasses
 import json
 import pickle
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from torch import nn
 
 from segohem.cli import main, run_train
 from segohem.engine import loop
-from segohem.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from segohem.engine.checkpoint import CheckpointError, decode_arrays, load_checkpoint, save_checkpoint
 from segohem.engine.loop import TrainingDiverged, train_one_epoch
 from segohem.engine.run import CHECKPOINT_FORMAT, TrainingRun
 from segohem.engine.run_folder import RunFolderBusy, lock_run_folder
@@ -213,3 +214,38 @@ def test_channels_last_training_matches_the_default_layout(tmp_path):
     weights = load_checkpoint(tmp_path / "b" / "last.pt")["model"]
     reference = load_checkpoint(tmp_path / "a" / "last.pt")["model"]
     assert all(torch.allclose(weights[k].float(), reference[k].float(), atol=1e-4) for k in reference)
+
+
+def format_1_checkpoint(new, path):
+    """What segohem wrote before format 2: NumPy RNG state, dense bank confusions, 'train_state'."""
+    rng = dict(new["rng"])
+    saved = rng["numpy"]
+    rng["numpy"] = (saved["kind"], saved["keys"].numpy().astype(np.uint32), saved["position"], saved["has_gauss"],
+                    saved["cached_gauss"])  # fmt: skip
+    bank = decode_arrays(new["bank"])
+    for stats in bank["samples"].values():
+        dense = np.zeros(stats["num_classes"] ** 2, np.int64)
+        dense[stats.pop("confusion_pairs")] = stats.pop("confusion_counts")
+        stats["confusion"] = dense.reshape(stats["num_classes"], -1)
+        del stats["num_classes"]
+    progress = {k: v for k, v in new["progress"].items() if k != "skipped_steps"}
+    old = {k: v for k, v in new.items() if k not in ("format", "progress")}
+    torch.save({**old, "train_state": progress, "rng": rng, "bank": bank}, path)
+
+
+def test_a_format_1_checkpoint_is_refused_then_upgraded_on_request(tmp_path, capsys):
+    run_train(tiny_config(tmp_path, "train.max_steps=2"), resume_from=None)
+    new = load_checkpoint(tmp_path / "tiny" / "last.pt")
+    old = tmp_path / "old.pt"
+    format_1_checkpoint(new, old)
+    assert main(["eval", "--checkpoint", str(old)]) == 2
+    assert f"segohem upgrade-checkpoint {old} --trusted" in capsys.readouterr().err
+    assert main(["upgrade-checkpoint", str(old)]) == 2  # not without --trusted
+    assert "--trusted" in capsys.readouterr().err
+    assert main(["upgrade-checkpoint", str(old), "--trusted"]) == 0
+    upgraded = torch.load(tmp_path / "old.v2.pt", weights_only=True)
+    assert upgraded["format"] == CHECKPOINT_FORMAT and upgraded["progress"]["step"] == 2
+    assert all(torch.equal(upgraded["model"][k], new["model"][k]) for k in new["model"])
+    for key, stats in new["bank"]["samples"].items():
+        assert torch.equal(upgraded["bank"]["samples"][key]["confusion_counts"], stats["confusion_counts"])
+    assert main(["eval", "--checkpoint", str(tmp_path / "old.v2.pt")]) == 0

@@ -11,6 +11,7 @@ from segohem.cli.check_data import run_check_data
 from segohem.cli.commands import run_eval, run_hard_pixels, run_mine, run_predict, run_viz
 from segohem.cli.export import run_export, run_predict_onnx
 from segohem.cli.train import run_train
+from segohem.cli.upgrade import upgrade_checkpoint
 from segohem.config import Config, ConfigError, describe_config, load_config
 from segohem.data import SPLITS, dataset_error_message
 from segohem.engine.loop import BANK_FILE, TrainingDiverged
@@ -66,6 +67,10 @@ def make_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dynamic", action="store_true", help="any height and width the model takes")
     ex.add_argument("--output", type=Path, help="default: the checkpoint's path with .onnx")
     ex.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    up = commands.add_parser("upgrade-checkpoint", help="rewrite a checkpoint of an older segohem in today's format")
+    up.add_argument("checkpoint", type=Path)
+    up.add_argument("--trusted", action="store_true", help="you wrote it: reading the old format can run code")
+    up.add_argument("--output", type=Path, help="default: <stem>.v2.pt beside it")
     cd = commands.add_parser("check-data", help="scan a dataset for problems; class shares and suggested weights")
     cd.add_argument("--config", type=Path)
     cd.add_argument("--split", default="all", choices=(*SPLITS, "all"))
@@ -124,6 +129,9 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "eval":
         run_eval(args.checkpoint, split=args.split, overrides=args.overrides, output=args.output)
+        return 0
+    if args.command == "upgrade-checkpoint":
+        upgrade_checkpoint(args.checkpoint, output=args.output, trusted=args.trusted)
         return 0
     if args.command == "export":
         run_export(args.checkpoint, fmt=args.format, output=args.output, height=args.height, width=args.width,

@@ -141,8 +141,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if not names:  # not a pickle at all
             raise CheckpointError(f"checkpoint {path} is truncated or corrupt: it cannot be unpickled") from err
         raise CheckpointError(
-            f"checkpoint {path} holds objects that safe loading refuses ({', '.join(names[:3])}): it was not "
-            f"written by this version of segohem, or was tampered with; it was not loaded"
+            f"checkpoint {path} holds objects that safe loading refuses ({', '.join(names[:3])}): it was written "
+            f"by an older segohem (upgrade one you wrote with `segohem upgrade-checkpoint {path} --trusted`) "
+            f"or was tampered with; it was not loaded"
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {str(err).splitlines()[0][:200]}") from err

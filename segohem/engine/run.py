@@ -83,7 +83,7 @@ def checkpoint_config(path: Path, checkpoint: dict[str, Any], overrides: list[st
     if version != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"checkpoint {path} has format {version!r}; this segohem reads format {CHECKPOINT_FORMAT} "
-            f"(checkpoints written before format 2 must be re-created by training)"
+            f"(a format-1 checkpoint you wrote yourself: `segohem upgrade-checkpoint {path} --trusted`)"
         )
     return load_config(None, overrides, base=checkpoint["config"])
 
