@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +72,7 @@ def run_predict(checkpoint: Path, *, input_dir: Path, output_dir: Path, override
     Images go through the evaluation preprocessing of the checkpoint's config (the one path
     datasets use); predictions are resized back to each image's own size.
     """
-    if output_dir.exists() and not output_dir.is_dir():
-        raise DatasetError(f"--output {output_dir} is a file; give a folder for the predictions")
-    paths = sorted(p for p in input_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if input_dir.is_dir() else []
-    if not paths:
-        raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {input_dir}")
-    outputs = prediction_files(paths, output_dir)
+    paths = prediction_inputs(input_dir, output_dir)
     run, _ = TrainingRun.for_inference(checkpoint, overrides)
     cfg, info = run.config, run.classes
     dataset = ImageListDataset(
@@ -84,19 +80,49 @@ def run_predict(checkpoint: Path, *, input_dir: Path, output_dir: Path, override
         transform=build_eval_transform(cfg.augment, ignore_index=info.ignore_index),
         resize=tuple(cfg.data.resize) if cfg.data.resize else None,  # type: ignore[arg-type]
     )  # fmt: skip
+    return write_predictions(
+        dataset,
+        output_dir=output_dir,
+        palette=info.palette,
+        progress=cfg.train.progress,
+        labels_of=lambda index, sample: _predict_labels(run, sample, size=dataset.resize),
+    )
+
+
+def prediction_inputs(input_dir: Path, output_dir: Path) -> list[Path]:
+    """The images of ``input_dir`` to predict, after checking that their outputs in ``output_dir``
+    overwrite neither an input nor each other (see `prediction_files`)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DatasetError(f"--output {output_dir} is a file; give a folder for the predictions")
+    paths = sorted(p for p in input_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if input_dir.is_dir() else []
+    if not paths:
+        raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {input_dir}")
+    prediction_files(paths, output_dir)
+    return paths
+
+
+def write_predictions(
+    dataset: ImageListDataset, *, output_dir: Path, palette: Sequence[Sequence[int]], progress: bool | None,
+    labels_of: Callable[[int, dict[str, Any]], np.ndarray],
+) -> int:  # fmt: skip
+    """Write ``<stem>.png`` and ``<stem>_color.png`` for each image, ``labels_of(index, sample)``
+    giving its (H0, W0) class ids; unreadable images are reported and skipped. Returns the exit
+    status: 1 if any image was skipped, else 0."""
+    paths = dataset.paths
+    outputs = prediction_files(paths, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
-    for index in tqdm(range(len(dataset)), desc="predict", disable=not cfg.train.progress):
+    for index in tqdm(range(len(dataset)), desc="predict", disable=None if progress is None else not progress):
         try:
             sample = dataset[index]
         except DatasetError as err:  # keep going: predictions already written stay valid
             failed.append(display_path(paths[index]))
             tqdm.write(f"skipping: {err}")
             continue
-        labels = _predict_labels(run, sample, size=dataset.resize)
+        labels = labels_of(index, sample)
         label_path, color_path = outputs[index]
         write_png(label_path, labels)
-        write_png(color_path, cv2.cvtColor(colorize_mask(labels, info.palette), cv2.COLOR_RGB2BGR))
+        write_png(color_path, cv2.cvtColor(colorize_mask(labels, palette), cv2.COLOR_RGB2BGR))
     print(f"wrote {len(paths) - len(failed)} prediction(s) to {output_dir}")
     if failed:
         print(f"could not read {len(failed)} file(s): {', '.join(failed)}", file=sys.stderr)

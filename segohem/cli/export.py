@@ -7,7 +7,6 @@ import importlib
 import json
 import math
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +17,14 @@ import cv2
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from segohem import __version__
-from segohem.cli.commands import prediction_files, write_png
+from segohem.cli.commands import prediction_inputs, write_predictions
 from segohem.config import AugmentConfig, Config, ConfigError, config_to_dict
-from segohem.data import IMAGE_SUFFIXES, DatasetError, display_path
+from segohem.data import DatasetError, display_path
 from segohem.data.images import ImageListDataset
 from segohem.data.transforms import build_eval_transform
 from segohem.engine.run import TrainingRun
-from segohem.visualize import colorize_mask
 
 # Opset 17: everything these graphs use (Conv, BatchNormalization folded into Conv, MaxPool,
 # Resize, Concat, Softmax) exists since opset 13, and 17 is what the deployment runtimes of the
@@ -246,12 +243,7 @@ def run_predict_onnx(model_path: Path, *, input_dir: Path, output_dir: Path) -> 
     `run_predict` uses); whole-image inference under ONNX Runtime, labels resized back to each
     image's own size.
     """
-    if output_dir.exists() and not output_dir.is_dir():
-        raise DatasetError(f"--output {output_dir} is a file; give a folder for the predictions")
-    paths = sorted(p for p in input_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if input_dir.is_dir() else []
-    if not paths:
-        raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {input_dir}")
-    outputs = prediction_files(paths, output_dir)
+    paths = prediction_inputs(input_dir, output_dir)
     if not model_path.is_file():
         raise DatasetError(f"--model {display_path(model_path)}: no such file")
     session = open_session(model_path)
@@ -260,23 +252,13 @@ def run_predict_onnx(model_path: Path, *, input_dir: Path, output_dir: Path) -> 
         paths, num_classes=len(info.names), ignore_index=info.ignore_index,
         transform=build_eval_transform(info.augment, ignore_index=info.ignore_index), resize=info.resize,
     )  # fmt: skip
-    output_dir.mkdir(parents=True, exist_ok=True)
-    failed: list[str] = []
-    for index in tqdm(range(len(dataset)), desc="predict", disable=None):
-        try:
-            sample = dataset[index]
-        except DatasetError as err:  # keep going: predictions already written stay valid
-            failed.append(display_path(paths[index]))
-            tqdm.write(f"skipping: {err}")
-            continue
-        labels = onnx_labels(session, info, sample, source=paths[index])
-        label_path, color_path = outputs[index]
-        write_png(label_path, labels)
-        write_png(color_path, cv2.cvtColor(colorize_mask(labels, info.palette), cv2.COLOR_RGB2BGR))
-    print(f"wrote {len(paths) - len(failed)} prediction(s) to {output_dir}")
-    if failed:
-        print(f"could not read {len(failed)} file(s): {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
+    return write_predictions(
+        dataset,
+        output_dir=output_dir,
+        palette=info.palette,
+        progress=None,
+        labels_of=lambda index, sample: onnx_labels(session, info, sample, source=paths[index]),
+    )
 
 
 def onnx_labels(session: Any, info: OnnxModelInfo, sample: dict[str, Any], *, source: Path) -> np.ndarray:
