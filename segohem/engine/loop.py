@@ -124,18 +124,53 @@ def _count_bad_step(run: TrainingRun, streak: int) -> int:
     return streak
 
 
+def _micro_batch(run: TrainingRun, model: nn.Module, batch: dict[str, Any], *, group: _Group, group_size: int,
+                 sync: bool) -> bool:  # fmt: skip
+    """Forward, OHEM loss and backward of one micro-batch (its gradient weighted 1 / group_size;
+    under DDP all-reduced only when ``sync``), then the dictionary update; appends its results
+    to ``group``. Returns whether its loss was finite."""
+    train_cfg, device = run.config.train, run.device
+    memory_format = torch.channels_last if train_cfg.channels_last else torch.preserve_format
+    images = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
+    masks = batch["mask"].to(device, non_blocking=True)
+    with _no_sync(model, skip=not sync):
+        with autocast_context(device, train_cfg.amp):
+            logits = model(images)
+        pixel_weight = batch["pixel_weight"].to(device) if "pixel_weight" in batch else None
+        result = run.loss_fn(logits, masks, step=run.progress.step, pixel_weight=pixel_weight)
+        run.scaler.scale(result.loss / group_size).backward()
+    # Host sync per micro-batch: a non-finite loss must not reach the dictionary either.
+    loss_finite = bool(torch.isfinite(result.loss))
+    if run.bank is not None and loss_finite:
+        run.bank.update(
+            sample_ids=batch["sample_id"], hard_mask=result.hard_mask, pixel_loss=result.pixel_loss,
+            target=masks, pred=logits.detach().argmax(1), epoch=run.progress.epoch,
+            source_yx=batch["source_yx"].to(device, non_blocking=True), source_hw=batch["source_hw"],
+        )  # fmt: skip
+    group.losses.append(result.loss.detach())
+    group.kept.append(result.kept_fraction.mean())
+    group.thresholds.append(result.prob_threshold.mean())
+    return loss_finite
+
+
+@torch.no_grad()
+def _restore_buffers(model: nn.Module, saved: list[torch.Tensor]) -> None:
+    """Put back the batch-norm statistics that a skipped step's forward passes moved (maybe to NaN)."""
+    for buffer, value in zip(model.buffers(), saved, strict=True):
+        buffer.copy_(value)
+
+
 def train_one_epoch(run: TrainingRun, loader: DataLoader[Any], *, logger: Logger) -> dict[str, float]:
     """One pass over ``loader``: steps the optimizer, updates ``run.progress`` and ``run.bank``.
 
     Each optimizer step averages the gradients of its accumulation group (the last group of
     an epoch may be smaller and is averaged over its own size). Returns epoch means.
     """
-    train_cfg, accumulate, device = run.config.train, run.config.optim.accumulate, run.device
+    train_cfg, accumulate, progress = run.config.train, run.config.optim.accumulate, run.progress
     model = run.train_model or run.model
     model.train()
-    memory_format = torch.channels_last if train_cfg.channels_last else torch.preserve_format
     num_batches = len(loader)
-    bar = tqdm(loader, desc=f"epoch {run.progress.epoch + 1}", leave=False,
+    bar = tqdm(loader, desc=f"epoch {progress.epoch + 1}", leave=False,
                disable=not (train_cfg.progress and is_main_process()))  # fmt: skip
     totals = {"loss": 0.0, "kept_fraction": 0.0, "steps": 0}
     window_start, window_images, streak = time.perf_counter(), 0, 0
@@ -145,57 +180,34 @@ def train_one_epoch(run: TrainingRun, loader: DataLoader[Any], *, logger: Logger
         group_size = min(accumulate, num_batches - group_start)
         if batch_index == group_start:  # batch-norm statistics to restore if this step is skipped
             saved_buffers = [buffer.detach().clone() for buffer in run.model.buffers()]
-        images = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
-        masks = batch["mask"].to(device, non_blocking=True)
         last_of_group = batch_index + 1 == group_start + group_size
-        # Under DDP, gradients are all-reduced once per optimizer step, not per micro-batch.
-        with _no_sync(model, skip=not last_of_group):
-            with autocast_context(device, train_cfg.amp):
-                logits = model(images)
-            pixel_weight = batch["pixel_weight"].to(device) if "pixel_weight" in batch else None
-            result = run.loss_fn(logits, masks, step=run.progress.step, pixel_weight=pixel_weight)
-            run.scaler.scale(result.loss / group_size).backward()
-        # Host sync per micro-batch: a non-finite loss must not reach the dictionary either.
-        loss_finite = bool(torch.isfinite(result.loss))
-        group_finite &= loss_finite
-        if run.bank is not None and loss_finite:
-            run.bank.update(
-                sample_ids=batch["sample_id"], hard_mask=result.hard_mask, pixel_loss=result.pixel_loss,
-                target=masks, pred=logits.detach().argmax(1), epoch=run.progress.epoch,
-                source_yx=batch["source_yx"].to(device, non_blocking=True), source_hw=batch["source_hw"],
-            )  # fmt: skip
-        group.losses.append(result.loss.detach())
-        group.kept.append(result.kept_fraction.mean())
-        group.thresholds.append(result.prob_threshold.mean())
-        window_images += images.shape[0]
+        group_finite &= _micro_batch(run, model, batch, group=group, group_size=group_size, sync=last_of_group)
+        window_images += len(batch["sample_id"])
         if not last_of_group:
             continue
-        if not _optimizer_step(run, group_finite=group_finite):
-            with torch.no_grad():  # the forward passes already moved them, maybe to NaN
-                for buffer, saved in zip(run.model.buffers(), saved_buffers, strict=True):
-                    buffer.copy_(saved)
+        stepped = _optimizer_step(run, group_finite=group_finite)
+        means = _step_means(group) if stepped else None  # stepped is the same on every rank
+        group, group_finite = _Group([], [], []), True
+        if means is None:
+            _restore_buffers(run.model, saved_buffers)
             streak = _count_bad_step(run, streak + 1)
-            group, group_finite = _Group([], [], []), True
             continue
         streak = 0
         run.scheduler.step()
-        run.progress.step += 1
-        loss_value, kept, threshold = _step_means(group)
-        group, group_finite = _Group([], [], []), True
-        totals["loss"] += loss_value
-        totals["kept_fraction"] += kept
-        totals["steps"] += 1
+        progress.step += 1
+        loss_value, kept, threshold = means
+        totals["loss"], totals["kept_fraction"], totals["steps"] = (
+            totals["loss"] + loss_value, totals["kept_fraction"] + kept, totals["steps"] + 1)  # fmt: skip
         bar.set_postfix(loss=f"{loss_value:.4f}", kept=f"{kept:.1%}")
-        if run.progress.step % train_cfg.log_every == 0 or batch_index + 1 == num_batches:
-            elapsed = time.perf_counter() - window_start
+        if progress.step % train_cfg.log_every == 0 or batch_index + 1 == num_batches:
+            images_per_s = window_images / max(time.perf_counter() - window_start, 1e-9)
             logger.log_step(
                 {"train/loss": loss_value, "train/lr": run.optimizer.param_groups[0]["lr"],
-                 "train/kept_fraction": kept, "train/prob_threshold": threshold,
-                 "train/images_per_s": window_images / max(elapsed, 1e-9)},
-                step=run.progress.step,
+                 "train/kept_fraction": kept, "train/prob_threshold": threshold, "train/images_per_s": images_per_s},
+                step=progress.step,
             )  # fmt: skip
             window_start, window_images = time.perf_counter(), 0
-        if train_cfg.max_steps and run.progress.step >= train_cfg.max_steps:
+        if train_cfg.max_steps and progress.step >= train_cfg.max_steps:
             break
     count = max(1, int(totals["steps"]))
     return {"train/loss": totals["loss"] / count, "train/kept_fraction": totals["kept_fraction"] / count}
