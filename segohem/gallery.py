@@ -21,11 +21,14 @@ from segohem.visualize import render_panel
 
 
 def choose_ids(bank: HardPixelBank | None, dataset: SegmentationDataset, *, num: int) -> list[str]:
-    """The ``num`` hardest images by the dictionary's score, or the first ``num`` without one."""
+    """The ``num`` hardest images by the dictionary's score, or the first ``num`` when the
+    dictionary holds none of ``dataset``'s images (a split it was not built on)."""
     known = {dataset.sample_id(i) for i in range(len(dataset))}
-    if bank is not None and bank.samples:
+    if bank is not None:
         ranked = sorted((s for s in bank.samples if s in known), key=lambda s: -bank.samples[s].score)
-        return ranked[:num]
+        if ranked:
+            return ranked[:num]
+        print(f"the dictionary holds none of these {len(dataset)} images: showing the first {num} instead")
     return [dataset.sample_id(i) for i in range(min(num, len(dataset)))]
 
 

@@ -326,13 +326,13 @@ def plain_resume_works(ctx: Ctx) -> None:
         assert digest(path) == before, f"{path} changed"
     ctx.kept.clear()
     ctx.capsys.readouterr()
-    assert main(["train", "--resume", ctx.vars["run"]]) == 0
+    assert main(["train", "--resume", ctx.vars["run"], "train.max_steps=2"]) == 0
     assert f"continuing from {ctx.vars['run']}/last.pt after epoch 1" in ctx.capsys.readouterr().out
 
 
 def resume_lower_lr(ctx: Ctx) -> list[str]:
     """What the divergence message advises: continue the run with a lower optim.lr."""
-    return ["train", "--resume", str(ctx.run_copy()), "optim.lr=1e-7"]
+    return ["train", "--resume", str(ctx.run_copy()), "optim.lr=1e-7", "train.max_steps=2"]
 
 
 def lower_lr_used(ctx: Ctx) -> None:
@@ -403,7 +403,7 @@ def corrupt_store_then_resume(ctx: Ctx) -> list[str]:
     data = bytearray(store.read_bytes())
     data[100:] = b"\xff" * (len(data) - 100)  # header intact, every page overwritten (disk damage)
     store.write_bytes(bytes(data))
-    return ["train", "--resume", str(run), "train.epochs=3"]
+    return ["train", "--resume", str(run), "train.epochs=3", "train.max_steps=2"]
 
 
 def store_rebuilt(ctx: Ctx) -> None:
@@ -619,7 +619,7 @@ CASES = [
     Case("resume-with-config", resume_with_config, 2, ("--config cannot be combined with --resume",)),
     Case("resume-while-in-use", resume_busy, 2, ("run folder {run} is in use by process 4242 on elsewhere",)),
     Case("train-into-a-run-folder", train_over_a_run, 2,
-         ("run folder {run} already holds a run; resume it with --resume {run}",)),
+         ("run folder {run} already holds a run; resume it with `segohem train --resume {run}`",)),
     Case("refine-missing-checkpoint", refine_missing_checkpoint, 2, ("no checkpoint at {run}/nope.pt",)),
     # hard-pixel stores
     Case("store-foreign-sqlite", store_file(foreign_sqlite), 2,
@@ -644,10 +644,11 @@ CASES = [
          ("foo.png and foo_color.png would both be written as foo_color.png",), check=nothing_written),
     Case("predict-output-is-a-file", predict({"a.png": PNG}, out_is_file), 2,
          ("--output {tmp}/taken.txt is a file",)),
-    Case("predict-missing-input", predict_missing_input, 2, ("no images (.png", "in {tmp}/nowhere")),
+    Case("predict-missing-input", predict_missing_input, 2,
+         ("--input {tmp}/nowhere does not exist; give a folder of images",)),
     Case("predict-unreadable-among-good",
          predict({"a.png": image(50, 70), "broken.jpg": b"garbage", "c.png": PNG}, out_folder), 1,
-         ("could not read 1 file(s): {tmp}/in/broken.jpg",), check=good_ones_written),
+         ("skipped 1 file(s): {tmp}/in/broken.jpg",), check=good_ones_written),
     # divergence
     Case("train-diverges", train_with("optim.lr=1e6", "train.max_nonfinite_steps=2", "data.num_train=16",
                                       "train.epochs=3"), 3,

@@ -147,10 +147,13 @@ def test_predict_with_the_onnx_model_refuses_bad_inputs(static_model, tmp_path, 
     assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before
     assert main(["predict", "--model", model, "--input", str(inputs), "--output", str(tmp_path / "o"), "a=1"]) == 2
     assert "no overrides" in capsys.readouterr().err
-    # The static model takes 64x64 only; a.png (50x70) pads to 64x96.
-    assert main(["predict", "--model", model, "--input", str(inputs), "--output", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "a.png" in err and "--dynamic" in err
+    # The static model takes 64x64 only: a.png (50x70, padded to 64x96) is skipped with the
+    # reason, like the unreadable broken.png; b.jpg (64x64) and c.png (33x47 -> 64x64) are predicted.
+    assert main(["predict", "--model", model, "--input", str(inputs), "--output", str(tmp_path / "o")]) == 1
+    captured = capsys.readouterr()
+    assert "a.png is 64x96 after resizing and padding" in captured.out and "--dynamic" in captured.out
+    assert "skipped 2 file(s)" in captured.err and "a.png" in captured.err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["b.png", "b_color.png", "c.png", "c_color.png"]
     foreign = tmp_path / "foreign.onnx"
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("Identity", ["images"], ["logits"])], "identity",

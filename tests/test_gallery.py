@@ -20,3 +20,12 @@ def test_viz_writes_a_gallery_of_the_hardest_images_and_the_plots(tmp_path, caps
     assert (tmp_path / "g" / "synthetic-val-00001.png").is_file()
     assert main(["viz", "--run", str(run_dir), "--ids", "nope", "train.progress=false"]) == 2
     assert "nope" in capsys.readouterr().err
+    # a split the dictionary was not built on: its first images, said so, never an empty page
+    assert main(["viz", "--run", str(run_dir), "--split", "val", "--num", "2", "--output", str(tmp_path / "v"),
+                 "train.progress=false"]) == 0  # fmt: skip
+    assert "holds none of these 4 images" in capsys.readouterr().out
+    page = (tmp_path / "v" / "index.html").read_text()
+    assert re.findall(r'<img src="(synthetic-val-\d+\.png)"', page) == [
+        "synthetic-val-00000.png",
+        "synthetic-val-00001.png",
+    ]

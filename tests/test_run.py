@@ -249,3 +249,18 @@ def test_a_format_1_checkpoint_is_refused_then_upgraded_on_request(tmp_path, cap
     for key, stats in new["bank"]["samples"].items():
         assert torch.equal(upgraded["bank"]["samples"][key]["confusion_counts"], stats["confusion_counts"])
     assert main(["eval", "--checkpoint", str(tmp_path / "old.v2.pt")]) == 0
+
+
+def test_resuming_a_finished_run_does_nothing_and_a_shorter_schedule_is_refused(tmp_path, capsys):
+    run_train(tiny_config(tmp_path, "train.epochs=1"), resume_from=None)
+    run_dir = tmp_path / "tiny"
+    config_before, last_before = (run_dir / "config.yaml").read_bytes(), (run_dir / "last.pt").read_bytes()
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert "has finished: 1 epochs" in capsys.readouterr().out
+    assert main(["train", "--resume", str(run_dir), "train.epochs=1", "train.max_steps=1"]) == 2
+    assert "beyond train.epochs=1 / train.max_steps=1" in capsys.readouterr().err
+    assert (run_dir / "config.yaml").read_bytes() == config_before
+    assert (run_dir / "last.pt").read_bytes() == last_before
+    assert main(["refine", "--run", str(run_dir), "train.progress=false"]) == 2
+    assert "raise train.epochs above it" in capsys.readouterr().err
+    assert not (tmp_path / "tiny-refine" / "config.yaml").exists()

@@ -94,7 +94,10 @@ def prediction_inputs(input_dir: Path, output_dir: Path) -> list[Path]:
     overwrite neither an input nor each other (see `prediction_files`)."""
     if output_dir.exists() and not output_dir.is_dir():
         raise DatasetError(f"--output {output_dir} is a file; give a folder for the predictions")
-    paths = sorted(p for p in input_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if input_dir.is_dir() else []
+    if not input_dir.is_dir():
+        state = "is a file" if input_dir.exists() else "does not exist"
+        raise DatasetError(f"--input {input_dir} {state}; give a folder of images")
+    paths = sorted(p for p in input_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {input_dir}")
     prediction_files(paths, output_dir)
@@ -106,26 +109,26 @@ def write_predictions(
     labels_of: Callable[[int, dict[str, Any]], np.ndarray],
 ) -> int:  # fmt: skip
     """Write ``<stem>.png`` and ``<stem>_color.png`` for each image, ``labels_of(index, sample)``
-    giving its (H0, W0) class ids; unreadable images are reported and skipped. Returns the exit
-    status: 1 if any image was skipped, else 0."""
+    giving its (H0, W0) class ids; images that cannot be read or predicted (a DatasetError:
+    corrupt, or a size a fixed-size model does not take) are reported and skipped. Returns the
+    exit status: 1 if any image was skipped, else 0."""
     paths = dataset.paths
     outputs = prediction_files(paths, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
     for index in tqdm(range(len(dataset)), desc="predict", disable=None if progress is None else not progress):
         try:
-            sample = dataset[index]
+            labels = labels_of(index, dataset[index])
         except DatasetError as err:  # keep going: predictions already written stay valid
             failed.append(display_path(paths[index]))
             tqdm.write(f"skipping: {err}")
             continue
-        labels = labels_of(index, sample)
         label_path, color_path = outputs[index]
         write_png(label_path, labels)
         write_png(color_path, cv2.cvtColor(colorize_mask(labels, palette), cv2.COLOR_RGB2BGR))
     print(f"wrote {len(paths) - len(failed)} prediction(s) to {output_dir}")
     if failed:
-        print(f"could not read {len(failed)} file(s): {', '.join(failed)}", file=sys.stderr)
+        print(f"skipped {len(failed)} file(s): {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -34,7 +34,8 @@ def run_train(cfg: Config, *, resume_from: Path | None) -> Progress:
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     if resume_from is None and (run_dir / "last.pt").exists():
         raise ConfigError(
-            f"run folder {run_dir} already holds a run; resume it with --resume {run_dir} or pick another run.name=..."
+            f"run folder {run_dir} already holds a run; resume it with `segohem train --resume {run_dir}` or pick "
+            f"another run.name=..."
         )
     launch = init_distributed(cfg.run.device)
     try:
@@ -58,6 +59,11 @@ def _train(cfg: Config, *, run_dir: Path, resume_from: Path | None) -> Progress:
     seed_everything(cfg.run.seed)
     torch.use_deterministic_algorithms(cfg.run.deterministic, warn_only=True)
     run, loaders = _build_run(cfg, resume_from=resume_from)
+    if _finished(cfg, run.progress, refine=resume_from is None and bool(cfg.refine.init)):
+        if main:
+            print(f"{run_dir} has finished: {run.progress.epoch} epochs, {run.progress.step} steps; "
+                  f"raise train.epochs (or train.max_steps) to train on")  # fmt: skip
+        return run.progress
     run.wrap_for_training()
     logger: Logger = NullLogger()
     if main:
@@ -76,6 +82,27 @@ def _train(cfg: Config, *, run_dir: Path, resume_from: Path | None) -> Progress:
     finally:
         logger.close()
     return progress
+
+
+def _finished(cfg: Config, progress: Progress, *, refine: bool) -> bool:
+    """Whether a continued run has nothing left to do (True: a resume of a finished run, a no-op).
+
+    Raises ConfigError when ``train.epochs`` or ``train.max_steps`` lies below what the
+    checkpoint has done, or when a refinement stage would train no step at all.
+    """
+    epochs, max_steps = cfg.train.epochs, cfg.train.max_steps
+    if progress.epoch > epochs or (max_steps and progress.step > max_steps):
+        raise ConfigError(
+            f"the checkpoint has done {progress.epoch} epochs ({progress.step} steps), beyond train.epochs="
+            f"{epochs}" + (f" / train.max_steps={max_steps}" if max_steps else "") + "; raise them to train on"
+        )
+    done = progress.epoch == epochs or bool(max_steps and progress.step >= max_steps)
+    if done and refine:
+        raise ConfigError(
+            f"refine.init {cfg.refine.init} has done {progress.epoch} epochs: raise train.epochs above it "
+            f"(e.g. train.epochs={progress.epoch + 5}) for the refinement stage to train"
+        )
+    return done
 
 
 def _build_run(cfg: Config, *, resume_from: Path | None) -> tuple[TrainingRun, Loaders]:
