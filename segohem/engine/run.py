@@ -260,7 +260,8 @@ def _load_model(model: nn.Module, checkpoint: dict[str, Any], source: Path) -> s
     try:
         return load_model_state(model, checkpoint["model"])
     except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = next((line for line in lines if line.startswith(("size mismatch", "Missing", "Unexpected"))), lines[0])
         raise CheckpointError(
-            f"checkpoint {source} does not fit the configured model (was model.* overridden?): "
-            f"{str(err).splitlines()[0][:300]}"
+            f"checkpoint {source} does not fit the configured model (was model.* overridden?): {detail[:300]}"
         ) from err
