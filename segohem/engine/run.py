@@ -77,14 +77,19 @@ def build_loss(cfg: Config, *, refine_bank: HardPixelBank | None = None) -> Ohem
     )  # fmt: skip
 
 
-def checkpoint_config(path: Path, checkpoint: dict[str, Any], overrides: list[str]) -> Config:
-    """The config a checkpoint was written with, plus ``overrides``; refuses other formats."""
+def check_format(path: Path, checkpoint: dict[str, Any]) -> None:
+    """Refuse a checkpoint of another format than `CHECKPOINT_FORMAT`, naming the way to upgrade it."""
     version = checkpoint.get("format")
     if version != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"checkpoint {path} has format {version!r}; this segohem reads format {CHECKPOINT_FORMAT} "
             f"(a format-1 checkpoint you wrote yourself: `segohem upgrade-checkpoint {path} --trusted`)"
         )
+
+
+def checkpoint_config(path: Path, checkpoint: dict[str, Any], overrides: list[str]) -> Config:
+    """The config a checkpoint was written with, plus ``overrides``; refuses other formats."""
+    check_format(path, checkpoint)
     return load_config(None, overrides, base=checkpoint["config"])
 
 
@@ -152,7 +157,7 @@ class TrainingRun:
     def resume(cls, cfg: Config, checkpoint_path: Path, *, steps_per_epoch: int) -> TrainingRun:
         """Continue exactly where ``checkpoint_path`` (a run's last.pt) stopped."""
         run = cls.create(cfg, steps_per_epoch=steps_per_epoch, pretrained=False)
-        run.load_state_dict(_read(checkpoint_path), source=checkpoint_path)
+        run.load_state_dict(load_checkpoint(checkpoint_path), source=checkpoint_path)
         return run
 
     @classmethod
@@ -178,7 +183,7 @@ class TrainingRun:
 
         Returns the run and the checkpoint's metadata (progress, metrics, class names).
         """
-        checkpoint = _read(checkpoint_path)
+        checkpoint = load_checkpoint(checkpoint_path)
         cfg = checkpoint_config(checkpoint_path, checkpoint, overrides)
         run = cls.create(cfg, steps_per_epoch=1, pretrained=False)
         _load_model(run.model, checkpoint, checkpoint_path)
@@ -204,7 +209,7 @@ class TrainingRun:
 
     def load_state_dict(self, state: dict[str, Any], *, source: Path, allow_new_head: bool = False) -> None:
         """Restore everything from a checkpoint of this format; ``source`` names it in errors."""
-        checkpoint_config(source, state, [])  # checks the format
+        check_format(source, state)
         if list(state["class_names"]) != list(self.classes.names):
             raise CheckpointError(
                 f"checkpoint {source} was trained on classes {state['class_names']}; this config has "
@@ -248,12 +253,6 @@ def checkpoint_bank(checkpoint: dict[str, Any], *, source: Path) -> HardPixelBan
     bank = HardPixelBank(state["num_classes"])
     bank.load_state_dict(decode_arrays(state))
     return bank
-
-
-def _read(path: Path) -> dict[str, Any]:
-    checkpoint = load_checkpoint(path)
-    checkpoint_config(path, checkpoint, [])
-    return checkpoint
 
 
 def _load_model(model: nn.Module, checkpoint: dict[str, Any], source: Path) -> str:
