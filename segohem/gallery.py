@@ -16,7 +16,7 @@ from segohem.config import EvalConfig
 from segohem.data.build import ClassInfo
 from segohem.data.datasets import SegmentationDataset
 from segohem.engine.panels import prediction_panels
-from segohem.ohem import OhemCrossEntropy
+from segohem.losses import SegmentationLoss
 from segohem.visualize import render_panel
 
 
@@ -33,7 +33,7 @@ def choose_ids(bank: HardPixelBank | None, dataset: SegmentationDataset, *, num:
 
 
 def write_gallery(
-    *, model: nn.Module, dataset: SegmentationDataset, sample_ids: list[str], loss_fn: OhemCrossEntropy,
+    *, model: nn.Module, dataset: SegmentationDataset, sample_ids: list[str], loss_fn: SegmentationLoss,
     device: torch.device, classes: ClassInfo, bank: HardPixelBank | None, output: Path,
     plots: dict[str, Path] | None = None, progress: bool = True, eval_cfg: EvalConfig | None = None,
     pad_divisor: int = 1,

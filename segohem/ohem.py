@@ -315,6 +315,46 @@ def select_hard_pixels(
         return Selection(hard.reshape(valid_mask.shape), row_threshold.clone(), num_kept, num_valid)
 
 
+def class_quota_mask(
+    pixel_loss: Tensor, target: Tensor, valid_mask: Tensor, *, num_classes: int, amount: PixelAmount
+) -> Tensor:
+    """Per image, the ``amount`` hardest pixels of every class present; pure function, no gradients.
+
+    A class quota (``ohem.class_min_kept``) is added to a selection so that large confusions
+    (tree / building, road / sidewalk) cannot take every kept place from a thin class: in each
+    image, each class present keeps at least ``amount`` of its own hardest pixels. ``amount``
+    is a count per class and image, or a fraction or percentage of that class's valid pixels in
+    the image (rounded up); see `parse_amount`. Ties are broken by pixel index (lowest first).
+
+    pixel_loss: (N, H, W) float. target: (N, H, W) int64 in [0, C) where ``valid_mask``.
+    Returns (N, H, W) bool. No host synchronisation: two stable sorts rank every pixel within
+    its (image, class) group.
+    """
+    pixels, fraction = parse_amount(amount, name="class_min_kept")
+    num_images = pixel_loss.shape[0]
+    with torch.no_grad():
+        loss = pixel_loss.detach().float().reshape(num_images, -1)
+        valid = valid_mask.reshape(num_images, -1)
+        # ignored pixels form an extra group C, which keeps nothing
+        group = torch.where(valid, target.reshape(num_images, -1), num_classes).long()
+        by_loss = torch.sort(loss, dim=1, descending=True, stable=True).indices  # hardest first, ties by index
+        by_group = torch.sort(group.gather(1, by_loss), dim=1, stable=True).indices  # grouped, order kept
+        order = by_loss.gather(1, by_group)  # (N, P) pixel indices by (class, hardest first)
+        sorted_group = group.gather(1, order)
+        sizes = torch.zeros(num_images, num_classes + 1, dtype=torch.int64, device=loss.device)
+        sizes.scatter_add_(1, group, torch.ones_like(group))
+        starts = sizes.cumsum(1) - sizes
+        rank = torch.arange(loss.shape[1], device=loss.device) - starts.gather(1, sorted_group)
+        if fraction is not None:
+            quota = _fraction_count(fraction, sizes)
+        else:
+            quota = torch.minimum(torch.full_like(sizes, pixels or 0), sizes)
+        quota[:, num_classes] = 0
+        keep_sorted = rank < quota.gather(1, sorted_group)
+        keep = torch.zeros_like(valid).scatter_(1, order, keep_sorted)
+        return keep.reshape(valid_mask.shape)
+
+
 def keep_floor_at(step: int | None, warmup_steps: int) -> float:
     """Warm-up ramp: fraction of valid pixels kept at least at ``step``.
 
@@ -331,7 +371,8 @@ class OhemCrossEntropy(nn.Module):
 
     forward(logits (N, C, H, W), target (N, H, W) int64, step=None) -> OhemResult.
     ``min_kept`` / ``top_k``: 1000 (pixels per image), 0.2 or ``"20%"`` (of the valid pixels);
-    ``"100%"`` keeps every valid pixel. Labels outside ``[0, C)`` that are not ``ignore_index``
+    ``"100%"`` keeps every valid pixel. ``class_min_kept`` adds a per-class quota to the
+    selection (see `class_quota_mask`; 0 disables it). Labels outside ``[0, C)`` that are not ``ignore_index``
     raise ``ValueError`` naming them (mmseg #1180 turned these into opaque CUDA index errors).
     """
 
@@ -346,6 +387,7 @@ class OhemCrossEntropy(nn.Module):
         ignore_index: int = 255,
         class_weight: list[float] | Tensor | None = None,
         warmup_steps: int = 0,
+        class_min_kept: PixelAmount = 0,
     ) -> None:
         super().__init__()
         # Validate eagerly so a bad config fails at construction, not mid-epoch.
@@ -356,6 +398,8 @@ class OhemCrossEntropy(nn.Module):
         self.mode, self.thresh, self.scope = mode, thresh, scope
         self.min_kept, self.top_k = min_kept, top_k
         self.ignore_index, self.warmup_steps = ignore_index, warmup_steps
+        quota = parse_amount(class_min_kept, name="class_min_kept")
+        self.class_min_kept = class_min_kept if (quota.pixels or quota.fraction) and mode != "none" else 0
         self.class_weight: Tensor | None
         weight = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
         self.register_buffer("class_weight", weight, persistent=False)
@@ -394,6 +438,11 @@ class OhemCrossEntropy(nn.Module):
             top_k=self.top_k, scope=self.scope, keep_floor=keep_floor_at(step, self.warmup_steps),
         )  # fmt: skip
         hard_mask, num_kept, num_valid = selection.hard_mask, selection.num_kept, selection.num_valid
+        if self.class_min_kept:
+            hard_mask = hard_mask | class_quota_mask(
+                pixel_loss, target, valid_mask, num_classes=num_classes, amount=self.class_min_kept
+            )
+            num_kept = hard_mask.reshape(len(hard_mask), -1).sum(1)
         if self.class_weight is None and pixel_weight is None:
             weight = hard_mask.to(pixel_loss.dtype)
             denominator = num_kept.sum().to(pixel_loss.dtype)

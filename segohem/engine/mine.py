@@ -17,7 +17,7 @@ from segohem.bank_store import save_mined
 from segohem.config import EvalConfig
 from segohem.engine.inference import eval_logits, valid_sizes
 from segohem.engine.loop import autocast_context
-from segohem.ohem import OhemCrossEntropy
+from segohem.losses import SegmentationLoss
 
 
 @torch.no_grad()
@@ -25,7 +25,7 @@ def mine_split(
     *,
     model: nn.Module,
     loader: Iterable[dict[str, Any]],
-    loss_fn: OhemCrossEntropy,
+    loss_fn: SegmentationLoss,
     device: torch.device,
     bank: HardPixelBank,
     store_path: Path,
@@ -69,7 +69,7 @@ def _record(bank: HardPixelBank, update: dict[str, Any], store_path: Path, rows:
 
 
 def _mine_batch(
-    batch: dict[str, Any], *, model: nn.Module, loss_fn: OhemCrossEntropy, device: torch.device,
+    batch: dict[str, Any], *, model: nn.Module, loss_fn: SegmentationLoss, device: torch.device,
     working_size: tuple[int, int] | None, num_classes: int, eval_cfg: EvalConfig, pad_divisor: int, amp: str,
 ) -> tuple[dict[str, Any], list[tuple[str, np.ndarray, np.ndarray]]]:  # fmt: skip
     """Forward one batch read-only: the bank update's arguments and rows of (sample_id, hard mask, loss map)."""

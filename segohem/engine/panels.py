@@ -14,7 +14,7 @@ from segohem.bank import HardPixelBank, SampleStats
 from segohem.config import EvalConfig
 from segohem.data.datasets import SegmentationDataset
 from segohem.engine.inference import eval_logits
-from segohem.ohem import OhemCrossEntropy
+from segohem.losses import SegmentationLoss
 from segohem.visualize import BankRow, PredictionPanel
 
 
@@ -26,7 +26,7 @@ def fixed_indices(length: int, *, num: int, seed: int) -> list[int]:
 
 @torch.no_grad()
 def prediction_panels(
-    *, model: nn.Module, dataset: SegmentationDataset, indices: list[int], loss_fn: OhemCrossEntropy,
+    *, model: nn.Module, dataset: SegmentationDataset, indices: list[int], loss_fn: SegmentationLoss,
     device: torch.device, eval_cfg: EvalConfig | None = None, pad_divisor: int = 1,
 ) -> list[PredictionPanel]:  # fmt: skip
     """Image, labels, prediction, hard pixels and loss of each of ``indices``, at the size the model saw.
