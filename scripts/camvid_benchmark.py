@@ -8,8 +8,20 @@ runs whose result exists are skipped, an interrupted run is resumed from its las
     python scripts/camvid_benchmark.py --methods plain threshold topk --seeds 0 1 2 --jobs 2
     python scripts/camvid_benchmark.py --summary          # markdown table from the result files
 
+``--protocol full`` is the full-resolution grid (docs/benchmarks.md, section 4), fixed before
+its first run: configs/camvid_full.yaml (360x480, Unet + EfficientNet-Lite0 from the local
+ImageNet weights), 256x256 crops of images rescaled by a uniform factor in [0.75, 1.5],
+horizontal flips, batch 8, AdamW 1e-3 poly, 16 epochs (720 optimizer steps) for every method,
+evaluation on the whole 360x480 val images (padded to 384x480), the final epoch's numbers,
+never the best epoch's. Its methods are FULL_METHODS; the combinations (``combo-*``) are chosen
+between on a tuning seed (100) that the report's seeds 0-2 do not include:
+
+    python scripts/camvid_benchmark.py --protocol full --methods plain topk dictcrop quota --jobs 2
+    python scripts/camvid_benchmark.py --protocol full --summary
+
 The same seed gives every method the same initialisation and the same batch order, so the
-per-seed differences are what to compare.
+per-seed differences are what to compare. Each result file records the commit, the processor
+and the GPU (if any) it ran on.
 """
 
 from __future__ import annotations
@@ -17,6 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,6 +63,56 @@ REFINE_METHODS: dict[str, list[str]] = {
 }  # fmt: skip
 
 
+# The full-resolution protocol: every method trains on the same crops, steps and augmentation.
+FULL_PROTOCOL = [
+    "augment.crop=[256,256]", "augment.scale=[0.75,1.5]", "augment.hflip=0.5", "data.batch_size=8",
+    "data.num_workers=0", "train.epochs=16", "train.eval_every=4", "eval.mode=whole",
+]  # fmt: skip
+TOPK = ["ohem.mode=topk", "ohem.top_k=0.2"]
+FULL_METHODS: dict[str, list[str]] = {
+    "plain": ["ohem.mode=none"],
+    "topk": TOPK,
+    # the dictionary places half the crops on hard cells, from epoch 2 on
+    "dictcrop": [*TOPK, "mining.hard_crop_prob=0.5", "mining.start_epoch=2"],
+    "quota": [*TOPK, "ohem.class_min_kept=0.1"],
+    # single ingredients and combinations, compared on the tuning seed
+    "rarecrop": [*TOPK, "mining.rare_crop_prob=0.5", "mining.start_epoch=2"],
+    "dictcrop-sharp": [*TOPK, "mining.hard_crop_prob=0.5", "mining.start_epoch=2", "mining.crop_sharpness=2.0"],
+    "combo-a": [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",
+                "ohem.class_min_kept=0.1"],
+    "combo-b": [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",
+                "ohem.class_min_kept=0.1", "ohem.region_loss=lovasz", "ohem.region_weight=0.5"],
+    "combo-c": [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",
+                "ohem.class_min_kept=0.1", "mining.sampler=class"],
+    "combo-d": [*TOPK, "mining.hard_crop_prob=0.5", "mining.start_epoch=2", "ohem.class_min_kept=0.1",
+                "ohem.region_loss=lovasz", "ohem.region_weight=0.5"],
+}  # fmt: skip
+PROTOCOLS = {"half": ("camvid.yaml", METHODS), "full": ("camvid_full.yaml", FULL_METHODS)}
+
+
+def provenance() -> dict[str, str]:
+    """The commit (``BENCH_COMMIT`` where the checkout has no git), processor and GPU of this run."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        commit += "+uncommitted" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = os.environ.get("BENCH_COMMIT", "unknown")
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                         text=True).stdout.strip().splitlines() if shutil.which("nvidia-smi") else []  # fmt: skip
+    return {"commit": commit, "cpu": cpu, "gpu": gpu[0] if gpu else "none"}
+
+
 def segohem(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "segohem.cli", *arguments]
 
@@ -58,9 +122,16 @@ def commands_for(method: str, seed: int, args: argparse.Namespace) -> tuple[list
     name, run_dir = f"{method}-s{seed}", args.runs / f"{method}-s{seed}"
     refine_method, _, refine_base = method.partition("@")
     refine_base = refine_base or REFINE_BASE
-    definition = METHODS.get(method) or [f"from {refine_base} {REFINE_FROM}", *REFINE_METHODS[refine_method]]
+    config, methods = PROTOCOLS[getattr(args, "protocol", "half")]
+    definition = methods.get(method) or [f"from {refine_base} {REFINE_FROM}", *REFINE_METHODS[refine_method]]
     if (run_dir / "last.pt").exists():  # interrupted: resume it (its config.yaml holds everything)
         return [segohem("train", "--resume", str(run_dir), "train.progress=false")], definition
+    if method in methods and config == "camvid_full.yaml":
+        overrides = [
+            f"run.output_dir={args.runs}", f"run.name={name}", f"run.seed={seed}", f"data.root={args.data_root}",
+            f"model.encoder_weights={args.weights}", "train.progress=false", *FULL_PROTOCOL, *methods[method],
+        ]  # fmt: skip
+        return [segohem("train", "--config", str(ROOT / "configs" / config), *overrides)], definition
     if method in METHODS:
         overrides = [
             f"run.output_dir={args.runs}", f"run.name={name}", f"run.seed={seed}", f"data.root={args.data_root}",
@@ -111,7 +182,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> Path:
         "final_iou": {k.removeprefix("val/iou/"): v for k, v in final.items() if k.startswith("val/iou/")},
         "wall_seconds_this_sitting": time.perf_counter() - started,
         "train_seconds": sum(r["train/epoch_seconds"] for r in records), "threads": args.threads,
-        "commands": [" ".join(c) for c in commands],
+        "commands": [" ".join(c) for c in commands], **provenance(),
     }  # fmt: skip
     args.results.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(result, indent=2))
@@ -164,17 +235,18 @@ def summarize(results_dir: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), default="half",
+                        help="half: 180x240, 20 epochs (section 3); full: 360x480 crops (section 4)")  # fmt: skip
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=list(METHODS),
-        choices=[*METHODS, *REFINE_METHODS, *(f"{m}@topk" for m in REFINE_METHODS)],
+        choices=list(dict.fromkeys([*METHODS, *FULL_METHODS, *REFINE_METHODS, *(f"{m}@topk" for m in REFINE_METHODS)])),
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (one per core)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / "camvid")
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "camvid-bench")
+    parser.add_argument("--results", type=Path, help="default: docs/results/camvid, or camvid-full")
+    parser.add_argument("--runs", type=Path, help="default: runs/camvid-bench, or runs/camvid-full-bench")
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "datasets" / "camvid")
     parser.add_argument(
         "--weights", type=Path, default=ROOT.parent / "shared" / "weights" / "timm-tf_efficientnet_lite0.imagenet.pth"
@@ -188,6 +260,13 @@ def main() -> None:
     )
     parser.add_argument("--summary", action="store_true", help="only print the table of finished runs")
     args = parser.parse_args()
+    full = args.protocol == "full"
+    args.results = args.results or ROOT / "docs" / "results" / ("camvid-full" if full else "camvid")
+    args.runs = args.runs or ROOT / "runs" / ("camvid-full-bench" if full else "camvid-bench")
+    args.methods = args.methods or list(PROTOCOLS[args.protocol][1])[: 4 if full else None]
+    unknown = [m for m in args.methods if m.partition("@")[0] not in {**PROTOCOLS[args.protocol][1], **REFINE_METHODS}]
+    if unknown or (full and any(m in REFINE_METHODS or "@" in m for m in args.methods)):
+        parser.error(f"methods {unknown or args.methods} are not part of the {args.protocol} protocol")
     if args.summary:
         print(summarize(args.results))
         return

@@ -31,6 +31,7 @@ OptimizerName = Literal["adamw", "sgd"]
 AmpMode = Literal["none", "bf16", "fp16"]
 WandbMode = Literal["auto", "online", "offline", "disabled"]
 EvalMode = Literal["whole", "slide"]
+RegionLossName = Literal["none", "dice", "lovasz", "focal"]
 
 
 class ConfigError(ValueError):
@@ -235,6 +236,37 @@ class OhemConfig:
     scope: MiningScope = setting("image", "image (per-image selection) | batch (mmseg/HRNet behaviour)")
     warmup_steps: int = setting(0, "ramp the kept share from 100% to the target over N steps", ge=0)
     class_weight: list[float] = setting([], "per-class loss weights; empty: none", ge=0.0)
+    class_min_kept: int | float | str = setting(
+        0, "per image, each class present also keeps at least this many of its hardest pixels: 100 pixels, "
+        "0.2 or '20%' of that class's pixels; 0: no quota", check=_pixel_amount(positive=False),
+    )  # fmt: skip
+    ce_weight: float = setting(1.0, "weight of the OHEM cross-entropy in the loss", ge=0.0)
+    region_loss: RegionLossName = setting(
+        "none", "none | dice | lovasz | focal: segmentation-models-pytorch's loss on the kept pixels, added"
+    )
+    region_weight: float = setting(1.0, "weight of region_loss", ge=0.0)
+
+
+@dataclass
+class MiningConfig:
+    """Online, dictionary-driven choice of what the model sees while it trains (see docs/ohem.md)."""
+
+    start_epoch: int = setting(2, "first epoch (from 1) the dictionary steers crops and the sampler", ge=1)
+    hard_crop_prob: float = setting(
+        0.0, "probability a training crop (augment.crop) is centred on a cell drawn by the dictionary's hardness",
+        ge=0.0, le=1.0,
+    )  # fmt: skip
+    crop_sharpness: float = setting(1.0, "hard crops: a cell is drawn in proportion to its hardness ** this", ge=0.0)
+    rare_crop_prob: float = setting(
+        0.0, "probability a training crop is centred on a pixel of a rare class present in the image", ge=0.0, le=1.0
+    )
+    rare_power: float = setting(
+        1.0, "rare crops: a class present is drawn in proportion to its pixel frequency ** -this", ge=0.0
+    )
+    sampler: RefineSampler = setting(
+        "none", "none | image | class: draw training images by their hardness in the dictionary (see refine.sampler)"
+    )
+    sampler_floor: float = setting(0.3, "no image is drawn less than this fraction of the mean rate", ge=0.0, le=1.0)
 
 
 @dataclass
@@ -336,6 +368,7 @@ class Config:
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     ohem: OhemConfig = dataclasses.field(default_factory=OhemConfig)
+    mining: MiningConfig = dataclasses.field(default_factory=MiningConfig)
     bank: BankConfig = dataclasses.field(default_factory=BankConfig)
     refine: RefineConfig = dataclasses.field(default_factory=RefineConfig)
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
@@ -535,6 +568,24 @@ def validate(config: Config) -> None:
             f"optim.min_lr: {optim.min_lr} is above optim.lr={optim.lr}; use a min_lr <= lr (the end of the decay)"
         )
     _validate_eval(config.eval)
+    _validate_mining(config)
+
+
+def _validate_mining(config: Config) -> None:
+    """Dictionary crops need crops, a dictionary and probabilities that add up to at most 1."""
+    mining = config.mining
+    steering = mining.hard_crop_prob > 0 or mining.rare_crop_prob > 0
+    if mining.hard_crop_prob + mining.rare_crop_prob > 1.0:
+        raise ConfigError(
+            f"mining.hard_crop_prob + mining.rare_crop_prob = {mining.hard_crop_prob + mining.rare_crop_prob:g} "
+            f"is above 1; they are shares of the training crops"
+        )
+    if steering and not config.augment.crop:
+        raise ConfigError(
+            "mining.hard_crop_prob / mining.rare_crop_prob place training crops: set augment.crop=[H, W] as well"
+        )
+    if (steering or mining.sampler != "none") and not config.bank.enabled:
+        raise ConfigError("mining.* is driven by the hard-pixel dictionary: set bank.enabled=true")
 
 
 def _validate_eval(cfg: EvalConfig) -> None:

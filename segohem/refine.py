@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, Sampler
 
 from segohem.bank import HardPixelBank
 from segohem.data.datasets import SegmentationDataset
-from segohem.data.samplers import shard_by_batch
+from segohem.data.samplers import repeat_keys, shard_by_batch
 
 SAMPLER_SCORES = ("none", "image", "class")
 
@@ -64,7 +64,8 @@ def class_weights_from_bank(bank: HardPixelBank, *, power: float) -> np.ndarray:
 
 
 class WeightedEpochSampler(Sampler[int]):
-    """Draws ``len(weights)`` indices per epoch with replacement, in proportion to ``weights``.
+    """Draws ``len(weights)`` indices per epoch with replacement, in proportion to ``weights``;
+    an image's second and later draws are yielded as repeat keys (`repeat_keys`).
 
     Seeded from (seed, epoch) and identical on every rank, sharded by `shard_by_batch`, so it
     is deterministic and DDP-consistent; the epoch length, and so the LR schedule, is unchanged.
@@ -82,7 +83,8 @@ class WeightedEpochSampler(Sampler[int]):
     def order(self) -> list[int]:
         """The whole epoch's draws, the same on every rank."""
         generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/weighted/{self.epoch}".encode()))
-        return torch.multinomial(self.weights, len(self.weights), replacement=True, generator=generator).tolist()
+        draws = torch.multinomial(self.weights, len(self.weights), replacement=True, generator=generator).tolist()
+        return repeat_keys(draws, len(self.weights))
 
     def _shard(self, order: list[int]) -> list[int]:
         return shard_by_batch(order, rank=self.rank, world_size=self.world_size, batch_size=self.batch_size)
@@ -127,14 +129,16 @@ class BankDrivenDataset(Dataset[dict[str, Any]]):
         stats = self.bank.samples.get(sample_id)
         return None if stats is None else np.nan_to_num(stats.hardness, nan=0.0)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int) -> dict[str, Any]:
         base = self.base
-        rng = np.random.default_rng(zlib.crc32(f"{base.seed}/refine/{base.epoch}/{index}".encode()))
+        index, repeat = base.split_key(key)
+        draw = f"/{repeat}" if repeat else ""
+        rng = np.random.default_rng(zlib.crc32(f"{base.seed}/refine/{base.epoch}/{index}{draw}".encode()))
         hardness = self._hardness(base.sample_id(index))
         if hardness is not None and hardness.max() > 0 and rng.random() < self.hard_crop_prob:
-            sample = base.finish(index, *self._hard_crop(index, hardness, rng))
+            sample = base.finish(index, *self._hard_crop(index, hardness, rng), repeat=repeat)
         else:
-            sample = base[index]
+            sample = base[key]
         if self.pixel_weight > 0:
             sample["pixel_weight"] = self._pixel_weight(sample, hardness)
         return sample

@@ -122,7 +122,7 @@ def test_choice_fields_are_literals_whose_errors_list_the_choices():
     found = dict(literal_fields())
     assert set(found) == {
         "data.kind", "ohem.mode", "ohem.scope", "optim.name", "refine.sampler", "train.amp", "wandb.mode", "eval.mode",
-        "data.mask_format", "data.voc_train_set",
+        "data.mask_format", "data.voc_train_set", "mining.sampler", "ohem.region_loss",
     }  # fmt: skip
     needs = {
         "data.kind": ["data.root=/data"], "eval.mode": ["eval.crop=[64, 64]", "eval.stride=[32, 32]"],

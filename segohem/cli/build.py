@@ -11,12 +11,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from segohem.bank import HardPixelBank
 from segohem.bank_store import load_bank
 from segohem.config import Config, ConfigError, RefineConfig
-from segohem.data import build_dataset, collate_samples
+from segohem.data import build_dataset, class_info, collate_samples
 from segohem.data.datasets import SegmentationDataset
 from segohem.data.samplers import EpochShuffleSampler
+from segohem.data.transforms import build_train_transform
 from segohem.engine.distributed import get_rank, get_world_size
 from segohem.engine.loop import Loaders
 from segohem.engine.run import checkpoint_bank
+from segohem.mining import DictionaryCropDataset, DictionarySampler
 from segohem.refine import BankDrivenDataset, WeightedEpochSampler, image_weights
 
 
@@ -43,7 +45,21 @@ def build_loaders(cfg: Config, *, refine_bank: HardPixelBank | None = None) -> L
     train_set: Dataset[Any] = base_set
     shard = {"batch_size": cfg.data.batch_size, "rank": get_rank(), "world_size": get_world_size()}
     sampler: Sampler[int] = EpochShuffleSampler(len(base_set), seed=cfg.run.seed, **shard)
-    refine = cfg.refine
+    refine, mining = cfg.refine, cfg.mining
+    if mining.sampler != "none":
+        sampler = DictionarySampler(base_set, mining, seed=cfg.run.seed, **shard)
+    if mining.hard_crop_prob > 0 or mining.rare_crop_prob > 0:
+        if refine_bank is not None and (refine.hard_crop_prob > 0 or refine.pixel_weight > 0):
+            raise ConfigError(
+                "mining.hard_crop_prob / rare_crop_prob and refine.hard_crop_prob / pixel_weight both place crops; "
+                "use one of the two"
+            )
+        info = class_info(cfg.data)
+        train_set = DictionaryCropDataset(
+            base_set, mining, crop=(cfg.augment.crop[0], cfg.augment.crop[1]),
+            scale=(cfg.augment.scale[0], cfg.augment.scale[1]), cell_size=cfg.bank.cell_size,
+            placed_transform=build_train_transform(cfg.augment, ignore_index=info.ignore_index, placement=False),
+        )  # fmt: skip
     if refine_bank is not None and refine.sampler != "none":
         sample_ids = [base_set.sample_id(i) for i in range(len(base_set))]
         weights = image_weights(refine_bank, sample_ids, score=refine.sampler, floor=refine.sampler_floor)

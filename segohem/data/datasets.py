@@ -33,6 +33,10 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
     height/width, "sample_id": str, "index": int}``. Augmentation randomness is seeded from
     (seed, epoch, index), so an epoch is reproducible whatever the worker count, and a
     resumed run sees exactly the samples an uninterrupted one would.
+
+    A key ``k >= len(dataset)`` is image ``k % len`` drawn for the ``k // len``-th time in the
+    epoch (samplers that draw with replacement, `segohem.data.samplers.repeat_keys`): it gets
+    augmentation of its own, where the same index twice would repeat the same crop.
     """
 
     def __init__(
@@ -61,8 +65,14 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.finish(index, *self.load(index, scale=1.0))
+    def split_key(self, key: int) -> tuple[int, int]:
+        """(index, repeat) of a sampler key (see the class docstring)."""
+        repeat, index = divmod(key, len(self))
+        return index, repeat
+
+    def __getitem__(self, key: int) -> dict[str, Any]:
+        index, repeat = self.split_key(key)
+        return self.finish(index, *self.load(index, scale=1.0), repeat=repeat)
 
     def load(self, index: int, *, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
         """Read, then resize to ``data.resize`` times ``scale`` (area for images, nearest for labels).
@@ -84,13 +94,24 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
         return image, mask, source_yx, (original_hw[0], original_hw[1])
 
     def finish(
-        self, index: int, image: np.ndarray, mask: np.ndarray, source_yx: np.ndarray, original_hw: tuple[int, int]
+        self,
+        index: int,
+        image: np.ndarray,
+        mask: np.ndarray,
+        source_yx: np.ndarray,
+        original_hw: tuple[int, int],
+        *,
+        transform: Callable[..., dict[str, Any]] | None = None,
+        repeat: int = 0,
     ) -> dict[str, Any]:
-        """Apply the (seeded) transform and convert to tensors; see the class docstring for keys."""
-        if self.transform is not None:
-            if hasattr(self.transform, "set_random_seed"):
-                self.transform.set_random_seed(zlib.crc32(f"{self.seed}/{self.epoch}/{index}".encode()))
-            out = self.transform(image=image, mask=mask, source_yx=source_yx)
+        """Apply the (seeded) transform, the dataset's own unless ``transform`` is given, and
+        convert to tensors; see the class docstring for keys and ``repeat``."""
+        transform = transform or self.transform
+        if transform is not None:
+            if hasattr(transform, "set_random_seed"):
+                draw = f"/{repeat}" if repeat else ""
+                transform.set_random_seed(zlib.crc32(f"{self.seed}/{self.epoch}/{index}{draw}".encode()))
+            out = transform(image=image, mask=mask, source_yx=source_yx)
             image, mask, source_yx = out["image"], out["mask"], out["source_yx"]
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)),

@@ -37,6 +37,19 @@ def shard_by_batch(order: list[int], *, rank: int, world_size: int, batch_size: 
     ]
 
 
+def repeat_keys(draws: list[int], length: int) -> list[int]:
+    """Draws with replacement as dataset keys: the n-th draw of index i in the list becomes
+    ``i + n * length``, so a repeated image gets augmentation of its own (see
+    `segohem.data.datasets.SegmentationDataset`); first draws keep their index."""
+    seen: dict[int, int] = {}
+    keys = []
+    for index in draws:
+        repeat = seen.get(index, 0)
+        seen[index] = repeat + 1
+        keys.append(index + repeat * length)
+    return keys
+
+
 class EpochShuffleSampler(Sampler[int]):
     """A permutation drawn from (seed, epoch), sharded by `shard_by_batch`: resume-exact, DDP-consistent."""
 

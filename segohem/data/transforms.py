@@ -26,13 +26,17 @@ def _normalize_and_pad(cfg: AugmentConfig, ignore_index: int) -> list[A.BasicTra
     ]  # fmt: skip
 
 
-def build_train_transform(cfg: AugmentConfig, *, ignore_index: int) -> A.Compose:
-    """Random scale, crop, flip and colour jitter, then normalization and padding."""
+def build_train_transform(cfg: AugmentConfig, *, ignore_index: int, placement: bool = True) -> A.Compose:
+    """Random scale, crop, flip and colour jitter, then normalization and padding.
+
+    placement=False leaves out the random scale and crop: the transform of a crop that was
+    already scaled and placed (`segohem.mining.DictionaryCropDataset`).
+    """
     ops: list[A.BasicTransform] = []
     low, high = cfg.scale
-    if (low, high) != (1.0, 1.0):
+    if (low, high) != (1.0, 1.0) and placement:
         ops.append(A.RandomScale(scale_limit=(low - 1.0, high - 1.0), p=1.0))
-    if cfg.crop:
+    if cfg.crop and placement:
         height, width = cfg.crop
         ops.append(
             A.RandomCrop(

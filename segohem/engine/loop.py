@@ -27,6 +27,7 @@ from segohem.engine.inference import eval_logits, valid_sizes, working_size_of
 from segohem.engine.panels import bank_rows, fixed_indices, prediction_panels
 from segohem.engine.run import Progress, TrainingRun
 from segohem.metrics import ConfusionMatrix, format_table
+from segohem.mining import CROP_KINDS
 from segohem.tracking import Logger
 from segohem.visualize import EpochVisuals
 
@@ -175,7 +176,10 @@ def train_one_epoch(run: TrainingRun, loader: DataLoader[Any], *, logger: Logger
     totals = {"loss": 0.0, "kept_fraction": 0.0, "steps": 0}
     window_start, window_images, streak = time.perf_counter(), 0, 0
     group, group_finite = _Group([], [], []), True
+    crop_kinds = torch.zeros(len(CROP_KINDS), dtype=torch.int64)  # online mining: crops by kind
     for batch_index, batch in enumerate(bar):
+        if "crop_kind" in batch:
+            crop_kinds += torch.bincount(batch["crop_kind"], minlength=len(CROP_KINDS))
         group_start = batch_index - batch_index % accumulate
         group_size = min(accumulate, num_batches - group_start)
         if batch_index == group_start:  # batch-norm statistics to restore if this step is skipped
@@ -210,7 +214,11 @@ def train_one_epoch(run: TrainingRun, loader: DataLoader[Any], *, logger: Logger
         if train_cfg.max_steps and progress.step >= train_cfg.max_steps:
             break
     count = max(1, int(totals["steps"]))
-    return {"train/loss": totals["loss"] / count, "train/kept_fraction": totals["kept_fraction"] / count}
+    stats = {"train/loss": totals["loss"] / count, "train/kept_fraction": totals["kept_fraction"] / count}
+    if crop_kinds.sum() > 0:
+        for kind, number in zip(CROP_KINDS[1:], crop_kinds[1:].tolist(), strict=True):
+            stats[f"train/{kind}_crops"] = number / int(crop_kinds.sum())
+    return stats
 
 
 @torch.no_grad()
@@ -305,6 +313,8 @@ def fit(run: TrainingRun, loaders: Loaders, *, run_dir: Path, logger: Logger) ->
         epoch = run.progress.epoch
         seed_everything(epoch_seed(run.config.run.seed, epoch))
         for target in (loaders.train.sampler, loaders.train.dataset):
+            if run.bank is not None and hasattr(target, "observe"):  # online mining: the dictionary now
+                target.observe(run.bank, epoch)
             if hasattr(target, "set_epoch"):
                 target.set_epoch(epoch)
         started = time.perf_counter()

@@ -31,6 +31,7 @@ from segohem.engine.checkpoint import (
 )
 from segohem.engine.distributed import get_world_size, launched_by_torchrun
 from segohem.engine.optim import build_optimizer, build_scheduler, load_optimizer_state
+from segohem.losses import OhemRegionLoss
 from segohem.model import build_model, load_model_state
 from segohem.ohem import OhemCrossEntropy
 from segohem.refine import class_weights_from_bank
@@ -60,8 +61,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu" if name == "auto" else name)
 
 
-def build_loss(cfg: Config, *, refine_bank: HardPixelBank | None = None) -> OhemCrossEntropy:
-    """The OHEM loss of ``cfg.ohem``; a refinement bank may scale the class weights."""
+def build_loss(cfg: Config, *, refine_bank: HardPixelBank | None = None) -> OhemCrossEntropy | OhemRegionLoss:
+    """The OHEM loss of ``cfg.ohem`` (with its region loss, if any); a refinement bank may scale
+    the class weights."""
     ohem, info = cfg.ohem, class_info(cfg.data)
     if ohem.class_weight and len(ohem.class_weight) != info.num_classes:
         raise ConfigError(f"ohem.class_weight has {len(ohem.class_weight)} values for {info.num_classes} classes")
@@ -70,11 +72,15 @@ def build_loss(cfg: Config, *, refine_bank: HardPixelBank | None = None) -> Ohem
         class_weight = class_weight * class_weights_from_bank(refine_bank, power=cfg.refine.class_weight_power)
         named = zip(info.names, class_weight, strict=True)
         print("class weights from the dictionary:", ", ".join(f"{name} {w:.2f}" for name, w in named))
-    return OhemCrossEntropy(
+    loss = OhemCrossEntropy(
         mode=ohem.mode, thresh=ohem.thresh, min_kept=ohem.min_kept, top_k=ohem.top_k,  # type: ignore[arg-type]
         scope=ohem.scope, ignore_index=info.ignore_index,  # type: ignore[arg-type]
         class_weight=None if (class_weight == 1).all() else class_weight.tolist(), warmup_steps=ohem.warmup_steps,
+        class_min_kept=ohem.class_min_kept,
     )  # fmt: skip
+    if ohem.region_loss == "none" and ohem.ce_weight == 1.0:
+        return loss
+    return OhemRegionLoss(loss, ohem.region_loss, ce_weight=ohem.ce_weight, region_weight=ohem.region_weight)
 
 
 def check_format(path: Path, checkpoint: dict[str, Any]) -> None:
@@ -101,7 +107,7 @@ class TrainingRun:
     classes: ClassInfo
     device: torch.device
     model: nn.Module
-    loss_fn: OhemCrossEntropy
+    loss_fn: OhemCrossEntropy | OhemRegionLoss
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler

@@ -1,0 +1,219 @@
+"""Online, dictionary-driven mining: the hard-pixel dictionary steers what the model sees while it trains.
+
+The paper's OHEM forwards every region and backpropagates the hardest; at the level of crops,
+the training loop already forwards every crop and the dictionary already holds, per image and
+per cell of the original image, how often its pixels were hard. So from ``mining.start_epoch``
+on, each training crop is, with probability ``mining.hard_crop_prob``, centred on a cell drawn
+in proportion to hardness ** ``crop_sharpness``; with probability ``mining.rare_crop_prob``, on a
+pixel of a class present in the image, the class drawn in proportion to its pixel frequency **
+-``rare_power`` (DAFormer-style rare-class sampling, inside the image); otherwise the crop is the
+usual uniform random crop. ``mining.sampler`` draws the images themselves by their hardness.
+
+Both read a snapshot of the dictionary taken at the start of each epoch (`observe`): the
+dictionary after the previous epoch, identical on every rank (it is merged after each epoch)
+and restored exactly by a resume, so crops are deterministic under a seed, DDP-consistent and
+resumable. Every image is seen once per epoch, so the snapshot holds each image's latest state.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset, Sampler
+
+from segohem.bank import HardPixelBank
+from segohem.config import MiningConfig
+from segohem.data.datasets import SegmentationDataset
+from segohem.data.samplers import EpochShuffleSampler
+from segohem.refine import WeightedEpochSampler, image_weights
+
+CROP_KINDS = ("uniform", "hard", "rare")
+
+
+def cut_window(
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray], centre_yx: tuple[float, float], size_hw: tuple[int, int],
+    *, ignore_index: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """A ``size_hw`` window of (image, mask, source_yx) centred on ``centre_yx`` as far as the
+    image allows (the window stays inside it); a side shorter than the window is padded at the
+    bottom / right, the mask with ``ignore_index``."""
+    image, mask, source_yx = arrays
+    out_h, out_w = size_hw
+    top = int(np.clip(round(centre_yx[0] - out_h / 2), 0, max(0, image.shape[0] - out_h)))
+    left = int(np.clip(round(centre_yx[1] - out_w / 2), 0, max(0, image.shape[1] - out_w)))
+    window = (slice(top, top + out_h), slice(left, left + out_w))
+    image, mask, source_yx = image[window], mask[window], source_yx[window]
+    if image.shape[:2] != (out_h, out_w):
+        pad = ((0, out_h - image.shape[0]), (0, out_w - image.shape[1]))
+        image = np.pad(image, (*pad, (0, 0)))
+        mask = np.pad(mask, pad, constant_values=ignore_index)
+        source_yx = np.pad(source_yx, (*pad, (0, 0)))
+    return image, mask, source_yx
+
+
+def hard_cell_centre(
+    hardness: np.ndarray, *, cell_size: int, sharpness: float, rng: np.random.Generator
+) -> tuple[float, float] | None:
+    """A point in original-image pixels: a cell drawn in proportion to hardness ** sharpness, a
+    uniform point inside it. None when no cell is hard (nothing to steer by)."""
+    weights = np.nan_to_num(hardness, nan=0.0).ravel().astype(np.float64) ** sharpness
+    weights[np.nan_to_num(hardness, nan=0.0).ravel() <= 0] = 0.0  # 0 ** 0 is 1: never steer to an easy cell
+    total = weights.sum()
+    if not total > 0:
+        return None
+    cell = int(rng.choice(weights.size, p=weights / total))
+    row, col = divmod(cell, hardness.shape[1])
+    return (row + rng.random()) * cell_size, (col + rng.random()) * cell_size
+
+
+def rare_pixel_centre(
+    mask: np.ndarray, frequency: np.ndarray, *, power: float, ignore_index: int, rng: np.random.Generator
+) -> tuple[float, float] | None:
+    """A pixel of ``mask`` (scaled-image coordinates) of a class present, the class drawn in
+    proportion to ``frequency[c] ** -power``; None when the mask holds no valid class."""
+    classes, counts = np.unique(mask, return_counts=True)
+    present = (classes != ignore_index) & (classes < len(frequency)) & (counts > 0)
+    classes = classes[present]
+    if not len(classes):
+        return None
+    weights = np.maximum(frequency[classes], 1e-12) ** -power
+    chosen = classes[rng.choice(len(classes), p=weights / weights.sum())]
+    rows, cols = np.nonzero(mask == chosen)
+    pick = int(rng.integers(len(rows)))
+    return float(rows[pick]), float(cols[pick])
+
+
+class DictionaryCropDataset(Dataset[dict[str, Any]]):
+    """Wraps the training dataset: crops placed by the dictionary (see the module docstring).
+
+    ``placed_transform`` is the training transform without its random scale and crop (flip,
+    jitter, normalization, padding), applied to a crop this wrapper placed. Uniform crops are
+    the base dataset's own samples, untouched. ``last_kind`` counts (per process) the crops of
+    each kind drawn since the epoch started: uniform, hard, rare.
+    """
+
+    def __init__(
+        self, base: SegmentationDataset, cfg: MiningConfig, *, crop: tuple[int, int], scale: tuple[float, float],
+        placed_transform: Callable[..., dict[str, Any]], cell_size: int,
+    ) -> None:  # fmt: skip
+        self.base, self.cfg, self.crop, self.scale = base, cfg, crop, scale
+        self.placed_transform, self.cell_size = placed_transform, cell_size
+        self.epoch = 0
+        self.hardness: dict[str, np.ndarray] = {}
+        self.frequency: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def sample_id(self, index: int) -> str:
+        return self.base.sample_id(index)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.base.set_epoch(epoch)
+
+    @property
+    def active(self) -> bool:
+        """Whether this epoch's crops are steered (``epoch`` counts from 0, ``start_epoch`` from 1)."""
+        return self.epoch + 1 >= self.cfg.start_epoch
+
+    def observe(self, bank: HardPixelBank, epoch: int) -> None:
+        """Snapshot what the crops are placed by: each image's hardness map and the classes' pixel
+        frequencies, from the dictionary as it stands at the start of ``epoch``."""
+        self.hardness = {key: stats.hardness for key, stats in bank.samples.items()}
+        valid = sum((stats.valid for stats in bank.epochs.values()), np.zeros(bank.num_classes, np.int64))
+        self.frequency = valid / valid.sum() if valid.sum() > 0 else None
+
+    def crop_kind(self, key: int) -> tuple[str, np.random.Generator]:
+        """The kind of crop sampler key ``key`` gets this epoch, and the generator that places it."""
+        index, repeat = self.base.split_key(key)
+        again = f"/{repeat}" if repeat else ""
+        rng = np.random.default_rng(zlib.crc32(f"{self.base.seed}/mining/{self.epoch}/{index}{again}".encode()))
+        if not self.active:
+            return "uniform", rng
+        draw = rng.random()
+        if draw < self.cfg.hard_crop_prob:
+            return "hard", rng
+        if draw < self.cfg.hard_crop_prob + self.cfg.rare_crop_prob:
+            return "rare", rng
+        return "uniform", rng
+
+    def __getitem__(self, key: int) -> dict[str, Any]:
+        kind, rng = self.crop_kind(key)
+        sample = self._placed(key, kind, rng) if kind != "uniform" else None
+        if sample is None:  # uniform, or nothing known to steer by yet
+            sample = self.base[key]
+            kind = "uniform"
+        sample["crop_kind"] = CROP_KINDS.index(kind)
+        return sample
+
+    def _placed(self, key: int, kind: str, rng: np.random.Generator) -> dict[str, Any] | None:
+        base = self.base
+        index, repeat = base.split_key(key)
+        low, high = self.scale
+        scale = float(rng.uniform(low, high))
+        if kind == "hard":
+            hardness = self.hardness.get(base.sample_id(index))
+            if hardness is None:
+                return None
+            centre = hard_cell_centre(hardness, cell_size=self.cell_size, sharpness=self.cfg.crop_sharpness, rng=rng)
+            if centre is None:
+                return None
+            image, mask, source_yx, original_hw = base.load(index, scale=scale)
+            # original pixels -> the scaled image's pixels
+            centre = (centre[0] * image.shape[0] / original_hw[0], centre[1] * image.shape[1] / original_hw[1])
+        else:
+            if self.frequency is None:
+                return None
+            image, mask, source_yx, original_hw = base.load(index, scale=scale)
+            centre = rare_pixel_centre(mask, self.frequency, power=self.cfg.rare_power,
+                                       ignore_index=base.ignore_index, rng=rng)  # fmt: skip
+            if centre is None:
+                return None
+        window = cut_window((image, mask, source_yx), centre, self.crop, ignore_index=base.ignore_index)
+        return base.finish(index, *window, original_hw, transform=self.placed_transform, repeat=repeat)
+
+
+class DictionarySampler(Sampler[int]):
+    """The epoch's images: a seeded shuffle before ``mining.start_epoch``, then images drawn (with
+    replacement) by their hardness in the dictionary, ``refine.sampler``'s scores, recomputed at
+    the start of every epoch. The same on every rank, sharded by batch, resumable."""
+
+    def __init__(self, dataset: Any, cfg: MiningConfig, *, seed: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1) -> None:  # fmt: skip
+        self.sample_ids = [dataset.sample_id(i) for i in range(len(dataset))]
+        self.cfg, self.epoch = cfg, 0
+        shard = {"batch_size": batch_size, "rank": rank, "world_size": world_size}
+        self.shuffle = EpochShuffleSampler(len(self.sample_ids), seed=seed, **shard)
+        self.weighted = WeightedEpochSampler(np.ones(len(self.sample_ids)), seed=seed, **shard)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.shuffle.set_epoch(epoch)
+        self.weighted.set_epoch(epoch)
+
+    @property
+    def active(self) -> bool:
+        return self.epoch + 1 >= self.cfg.start_epoch
+
+    def observe(self, bank: HardPixelBank, epoch: int) -> None:
+        """Recompute the image weights from the dictionary at the start of ``epoch``."""
+        if self.cfg.sampler != "none" and bank.samples:
+            weights = image_weights(bank, self.sample_ids, score=self.cfg.sampler, floor=self.cfg.sampler_floor)
+            self.weighted = WeightedEpochSampler(
+                weights, seed=self.shuffle.seed, batch_size=self.shuffle.batch_size, rank=self.shuffle.rank,
+                world_size=self.shuffle.world_size,
+            )  # fmt: skip
+            self.weighted.set_epoch(epoch)
+
+    def _current(self) -> Sampler[int]:
+        return self.weighted if self.active and self.cfg.sampler != "none" else self.shuffle
+
+    def __len__(self) -> int:
+        return len(self.shuffle)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._current())

@@ -1,0 +1,189 @@
+"""Online dictionary-driven mining: crops placed on hard cells and rare classes, the online
+image sampler, repeat keys, and a training run that uses them (deterministic, resumable)."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from segohem.bank import EpochClassStats, HardPixelBank, SampleStats, confusion_fields
+from segohem.cli import run_train
+from segohem.config import ConfigError, load_config
+from segohem.data import build_dataset
+from segohem.data.samplers import repeat_keys
+from segohem.data.transforms import build_train_transform
+from segohem.engine import loop
+from segohem.mining import DictionaryCropDataset, DictionarySampler, hard_cell_centre, rare_pixel_centre
+
+from .conftest import tiny_config
+
+ORIGINAL_HW = (96, 128)
+
+
+def corner_bank(sample_id: str = "synthetic-train-00000") -> HardPixelBank:
+    """A bank whose only hard cells are the bottom-right 3x3 cells (8 px) of a 96x128 image."""
+    bank = HardPixelBank(7, cell_size=8)
+    hard = np.zeros((12, 16), np.float32)
+    hard[9:12, 13:16] = 1.0
+    bank.samples[sample_id] = SampleStats(
+        height=96, width=128, hard_acc=hard, seen_acc=np.ones_like(hard),
+        **confusion_fields(np.zeros((7, 7), np.int64)), seen=1,
+    )  # fmt: skip
+    valid = np.array([1000, 1000, 1000, 1000, 1, 1000, 1000])  # class 4 (pole) is rare
+    bank.epochs[0] = EpochClassStats(hard=np.zeros(7, np.int64), valid=valid)
+    return bank
+
+
+def crop_dataset(*overrides: str, scale=(1.0, 1.0)) -> DictionaryCropDataset:
+    cfg = load_config(None, ["data.image_size=[96, 128]", "augment.hflip=0.0", "augment.crop=[32, 32]",
+                             f"augment.scale=[{scale[0]}, {scale[1]}]", *overrides])  # fmt: skip
+    base = build_dataset(cfg.data, cfg.augment, split="train", train=True, seed=0)
+    return DictionaryCropDataset(
+        base, cfg.mining, crop=(32, 32), scale=scale, cell_size=8,
+        placed_transform=build_train_transform(cfg.augment, ignore_index=base.ignore_index, placement=False),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("scale", [(1.0, 1.0), (0.75, 1.5)])
+def test_hard_crops_cover_the_hard_cells_at_every_scale(scale):
+    dataset = crop_dataset("mining.hard_crop_prob=1.0", "mining.start_epoch=1", scale=scale)
+    dataset.observe(corner_bank(), 0)
+    for epoch in range(6):
+        dataset.set_epoch(epoch)
+        sample = dataset[0]
+        assert sample["crop_kind"] == 1 and sample["image"].shape == (3, 32, 32)
+        rows, cols = sample["source_yx"]
+        # the window is placed around the hard corner (original rows >= 72, cols >= 104)
+        assert rows.max() >= 72 and cols.max() >= 104
+        assert rows.min() >= 96 - 32 / scale[0] - 8 and cols.min() >= 128 - 32 / scale[0] - 8
+
+
+def test_crops_stay_uniform_before_start_epoch_and_without_knowledge():
+    dataset = crop_dataset("mining.hard_crop_prob=1.0", "mining.start_epoch=3")
+    dataset.observe(corner_bank(), 0)
+    dataset.set_epoch(1)  # the second epoch: before start_epoch 3
+    assert dataset[0]["crop_kind"] == 0
+    assert torch.equal(dataset[0]["image"], dataset.base[0]["image"])  # the base's own uniform crop
+    dataset.set_epoch(2)
+    assert dataset[0]["crop_kind"] == 1
+    assert dataset[1]["crop_kind"] == 0  # image 1 is unknown to the dictionary: a uniform crop
+
+
+def test_crop_kinds_follow_their_probabilities_and_are_seeded():
+    dataset = crop_dataset("mining.hard_crop_prob=0.3", "mining.rare_crop_prob=0.5", "mining.start_epoch=1")
+    kinds = Counter(dataset.crop_kind(key)[0] for key in range(4000))
+    assert kinds["hard"] / 4000 == pytest.approx(0.3, abs=0.03)
+    assert kinds["rare"] / 4000 == pytest.approx(0.5, abs=0.03)
+    again = [dataset.crop_kind(key)[0] for key in range(50)]
+    assert again == [dataset.crop_kind(key)[0] for key in range(50)]
+
+
+def test_hard_cell_centre_draws_by_hardness_power_and_never_an_easy_cell():
+    hardness = np.array([[0.0, 0.2], [0.8, np.nan]], np.float32)
+    rng = np.random.default_rng(0)
+    cells = Counter()
+    for _ in range(3000):
+        y, x = hard_cell_centre(hardness, cell_size=10, sharpness=2.0, rng=rng)
+        cells[(int(y // 10), int(x // 10))] += 1
+    assert set(cells) == {(0, 1), (1, 0)}
+    assert cells[(1, 0)] / 3000 == pytest.approx(0.64 / 0.68, abs=0.02)  # 0.8^2 / (0.8^2 + 0.2^2)
+    assert hard_cell_centre(np.zeros((2, 2), np.float32), cell_size=8, sharpness=0.0, rng=rng) is None
+
+
+def test_rare_pixel_centre_prefers_rare_classes_present():
+    mask = np.zeros((20, 20), np.uint8)
+    mask[5, 7] = 2  # one pixel of the rare class 2
+    mask[0, :] = 255  # ignored
+    frequency = np.array([0.9, 0.09, 0.01])
+    rng = np.random.default_rng(0)
+    picks = Counter(rare_pixel_centre(mask, frequency, power=1.0, ignore_index=255, rng=rng) for _ in range(2000))
+    # class 2 weighs 1/0.01 = 100 against class 0's 1/0.9: about 99% of the centres
+    assert picks[(5.0, 7.0)] / 2000 == pytest.approx(100 / (100 + 1 / 0.9), abs=0.01)
+    assert rare_pixel_centre(np.full((4, 4), 255, np.uint8), frequency, power=1.0, ignore_index=255, rng=rng) is None
+
+
+def test_rare_crops_contain_the_rare_class():
+    dataset = crop_dataset("mining.rare_crop_prob=1.0", "mining.start_epoch=1", "mining.rare_power=4.0")
+    dataset.observe(corner_bank(), 0)
+    _, mask = dataset.base.read(0)
+    if not (mask == 4).any():
+        pytest.skip("the synthetic scene has no pole in image 0")
+    with_pole = 0
+    for epoch in range(10):
+        dataset.set_epoch(epoch)
+        with_pole += int((dataset[0]["mask"] == 4).any())
+    assert with_pole >= 9  # pole weighs 1000 ** 4 times more than any other class present
+
+
+def test_repeat_keys_give_repeated_images_their_own_crops():
+    assert repeat_keys([3, 1, 3, 3, 0], 5) == [3, 1, 8, 13, 0]
+    dataset = crop_dataset(scale=(0.75, 1.5))
+    first, again = dataset[2], dataset[2 + len(dataset)]
+    assert first["sample_id"] == again["sample_id"] and first["index"] == again["index"] == 2
+    assert not torch.equal(first["image"], again["image"])
+    assert torch.equal(dataset[2]["image"], first["image"])
+
+
+def test_dictionary_sampler_shuffles_then_draws_by_hardness():
+    cfg = load_config(None, ["data.image_size=[96, 128]", "mining.sampler=image", "mining.start_epoch=2",
+                             "mining.sampler_floor=0.0", "data.num_train=8"])  # fmt: skip
+    base = build_dataset(cfg.data, cfg.augment, split="train", train=True, seed=0)
+    sampler = DictionarySampler(base, cfg.mining, seed=0, batch_size=2)
+    bank = corner_bank(base.sample_id(5))
+    bank.samples[base.sample_id(5)].ema_kept_fraction, bank.samples[base.sample_id(5)].ema_hard_loss = 1.0, 1.0
+    for other in range(8):
+        if other != 5:
+            bank.samples[base.sample_id(other)] = SampleStats(
+                height=96, width=128, hard_acc=np.zeros((12, 16), np.float32),
+                seen_acc=np.ones((12, 16), np.float32), **confusion_fields(np.zeros((7, 7), np.int64)),
+                seen=1, ema_kept_fraction=0.01, ema_hard_loss=0.01,
+            )  # fmt: skip
+    sampler.observe(bank, 0)
+    sampler.set_epoch(0)
+    assert sorted(sampler) == list(range(8))  # epoch 1: a permutation
+    sampler.observe(bank, 1)
+    sampler.set_epoch(1)
+    keys = list(sampler)
+    assert len(keys) == 8 and all(k % 8 == 5 for k in keys)  # only the hard image, each draw its own key
+
+
+def test_mining_config_errors_name_the_keys():
+    with pytest.raises(ConfigError, match=r"augment\.crop"):
+        load_config(None, ["mining.hard_crop_prob=0.5"])
+    with pytest.raises(ConfigError, match=r"mining.hard_crop_prob \+ mining.rare_crop_prob = 1.2"):
+        load_config(None, ["mining.hard_crop_prob=0.6", "mining.rare_crop_prob=0.6", "augment.crop=[32,32]"])
+    with pytest.raises(ConfigError, match=r"bank\.enabled"):
+        load_config(None, ["mining.sampler=class", "bank.enabled=false"])
+
+
+def test_training_with_online_mining_is_seeded_and_resumes_exactly(tmp_path, monkeypatch):
+    overrides = [
+        "augment.crop=[32,32]", "augment.scale=[0.75,1.5]", "mining.hard_crop_prob=0.4", "mining.rare_crop_prob=0.4",
+        "mining.sampler=class", "mining.start_epoch=2", "train.epochs=3", "ohem.mode=topk", "ohem.class_min_kept=0.2",
+        "ohem.region_loss=dice", "wandb.mode=disabled",
+    ]  # fmt: skip
+    run_train(tiny_config(tmp_path / "a", *overrides), resume_from=None)
+    whole = tmp_path / "a" / "tiny"
+    records = [json.loads(line) for line in (whole / "epochs.jsonl").read_text().splitlines()]
+    assert records[0]["train/hard_crops"] == records[0]["train/rare_crops"] == 0.0  # epoch 1: uniform
+    assert records[1]["train/hard_crops"] + records[1]["train/rare_crops"] > 0
+    # interrupted after epoch 2, resumed for the third: the same crops, the same weights
+    cfg = tiny_config(tmp_path / "b", *overrides)
+    original = loop.save_checkpoint
+
+    def stop_after_epoch_2(state, path):
+        original(state, path)
+        if path.name == "last.pt" and state["progress"]["epoch"] == 2:
+            raise KeyboardInterrupt("stopped after epoch 2")
+
+    monkeypatch.setattr(loop, "save_checkpoint", stop_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg, resume_from=None)
+    monkeypatch.undo()
+    resumed = tmp_path / "b" / "tiny"
+    run_train(cfg, resume_from=resumed)
+    first = torch.load(whole / "last.pt", weights_only=True)["model"]
+    second = torch.load(resumed / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(first[k], second[k]) for k in first)
