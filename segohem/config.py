@@ -240,6 +240,14 @@ class OhemConfig:
         0, "per image, each class present also keeps at least this many of its hardest pixels: 100 pixels, "
         "0.2 or '20%' of that class's pixels; 0: no quota", check=_pixel_amount(positive=False),
     )  # fmt: skip
+    neg_ratio: float = setting(
+        0.0, "two classes (e.g. data.mask_format=binary): mine label-1 pixels (positives) by mode and keep this many "
+        "hardest label-0 pixels (negatives) per kept positive, a sigmoid loss; 0: off", ge=0.0,
+    )  # fmt: skip
+    min_neg: int | float | str = setting(
+        0.01, "with neg_ratio: at least this many negatives per image (100, 0.01 or '1%')",
+        check=_pixel_amount(positive=False),
+    )  # fmt: skip
     ce_weight: float = setting(1.0, "weight of the OHEM cross-entropy in the loss", ge=0.0)
     region_loss: RegionLossName = setting(
         "none", "none | dice | lovasz | focal: segmentation-models-pytorch's loss on the kept pixels, added"

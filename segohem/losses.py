@@ -11,7 +11,7 @@ import torch
 from segmentation_models_pytorch.losses import DiceLoss, FocalLoss, LovaszLoss
 from torch import Tensor, nn
 
-from segohem.ohem import OhemCrossEntropy, OhemResult
+from segohem.ohem import OhemCrossEntropy, OhemResult, TwoClassAsBinary
 
 REGION_LOSSES: tuple[str, ...] = ("none", "dice", "lovasz", "focal")
 
@@ -40,7 +40,7 @@ class OhemRegionLoss(nn.Module):
     has no per-pixel terms to weigh).
     """
 
-    def __init__(self, ohem: OhemCrossEntropy, region: str, *, ce_weight: float = 1.0,
+    def __init__(self, ohem: OhemCrossEntropy | TwoClassAsBinary, region: str, *, ce_weight: float = 1.0,
                  region_weight: float = 1.0) -> None:  # fmt: skip
         super().__init__()
         self.ohem, self.region_name = ohem, region
@@ -63,4 +63,4 @@ class OhemRegionLoss(nn.Module):
         return result._replace(loss=loss)
 
 
-SegmentationLoss = OhemCrossEntropy | OhemRegionLoss  # what the loop, mining and the gallery call
+SegmentationLoss = OhemCrossEntropy | TwoClassAsBinary | OhemRegionLoss  # what the loop, mining and the gallery call

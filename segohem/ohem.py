@@ -461,3 +461,121 @@ class OhemCrossEntropy(nn.Module):
             loss, hard_mask, pixel_loss.detach(), num_kept, num_valid, kept_fraction,
             selection.prob_threshold,
         )  # fmt: skip
+
+
+class OhemBinaryCrossEntropy(nn.Module):
+    """Binary and multi-label OHEM: a sigmoid per pixel and class, hard positives and hard
+    negatives chosen separately (the detection OHEM's foreground : background ratio).
+
+    forward(logits (N, K, H, W), target (N, K, H, W) of 0 / 1 / ``ignore_index``) -> OhemResult
+    whose masks and losses are (N, K, H, W); K = 1 is a binary task, K > 1 multi-label (classes
+    may overlap). In each image and class channel:
+
+    * positives (target 1): mode ``topk`` keeps the ``top_k`` hardest (a count, or a share of the
+      channel's positives); ``threshold`` keeps those with ``p < thresh``, at least ``min_kept``
+      of them; ``none`` keeps all (plain binary cross-entropy).
+    * negatives (target 0): the ``neg_ratio`` x (kept positives) hardest, and at least
+      ``min_neg`` (count or share of the negatives), so a channel without positives still
+      learns what is not there; ``none`` keeps all.
+
+    The loss is the mean binary cross-entropy over kept entries. Selection is fp32, under
+    ``no_grad``, ties by lowest index; on CUDA without host synchronisations.
+    """
+
+    def __init__(
+        self, *, mode: MiningMode = "topk", thresh: float = 0.7, min_kept: PixelAmount = 0.1,
+        top_k: PixelAmount = 0.2, neg_ratio: float = 3.0, min_neg: PixelAmount = 0.01, ignore_index: int = 255,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if mode not in MINING_MODES:
+            raise ValueError(f"unknown mining mode {mode!r}; valid modes: {', '.join(MINING_MODES)}")
+        if not 0.0 < thresh <= 1.0:
+            raise ValueError(f"thresh is a probability in (0, 1], got {thresh!r}")
+        if not neg_ratio >= 0.0:
+            raise ValueError(f"neg_ratio is negatives per kept positive, >= 0; got {neg_ratio!r}")
+        parse_amount(min_kept, name="min_kept")
+        parse_amount(top_k, name="top_k", positive=True)
+        parse_amount(min_neg, name="min_neg")
+        self.mode, self.thresh, self.min_kept, self.top_k = mode, thresh, min_kept, top_k
+        self.neg_ratio, self.min_neg, self.ignore_index = neg_ratio, min_neg, ignore_index
+
+    def select(self, pixel_loss: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(kept (N, K, H, W) bool, positive rows' probability threshold (N*K,), kept positives
+        (N*K,)) for per-element losses ``pixel_loss`` and 0 / 1 / ignore ``target``."""
+        rows = pixel_loss.shape[0] * pixel_loss.shape[1]
+        loss = pixel_loss.detach().float().reshape(rows, -1)
+        flat = target.reshape(rows, -1)
+        positive, negative = flat == 1, flat == 0
+        if self.mode == "none":
+            return (positive | negative).reshape(target.shape), torch.ones(rows, device=loss.device), positive.sum(1)
+        select_rows = _select_rows_on_device if _sync_free(loss) else _select_rows_on_host
+        num_pos, num_neg = positive.sum(1), negative.sum(1)
+        target_amount = self.top_k if self.mode == "topk" else self.min_kept
+        pos = select_rows(loss.masked_fill(~positive, -math.inf), resolve_count(target_amount, num_pos),
+                          mode=self.mode, thresh=self.thresh)  # fmt: skip
+        by_ratio = torch.ceil(pos.num_kept.double() * self.neg_ratio).long()
+        num_keep_neg = torch.minimum(torch.maximum(by_ratio, resolve_count(self.min_neg, num_neg)), num_neg)
+        neg = select_rows(loss.masked_fill(~negative, -math.inf), num_keep_neg, mode="topk", thresh=self.thresh)
+        kept = (pos.hard & positive) | (neg.hard & negative)
+        return kept.reshape(target.shape), pos.row_threshold, pos.num_kept
+
+    def forward(self, logits: Tensor, target: Tensor, *, step: int | None = None,
+                pixel_weight: Tensor | None = None) -> OhemResult:  # fmt: skip
+        """logits and target (N, K, H, W); ``pixel_weight`` (N, K, H, W) or (N, H, W) re-weights
+        kept entries. ``step`` is accepted for the trainer and unused."""
+        if logits.ndim != 4 or target.shape != logits.shape:
+            raise ValueError(
+                f"expected logits and target of one shape (N, K, H, W); got {tuple(logits.shape)} and "
+                f"{tuple(target.shape)} (a binary task has K = 1)"
+            )
+        bad = (target != 0) & (target != 1) & (target != self.ignore_index)
+        if _sync_free(target):
+            torch._assert_async(~bad.any(), "OhemBinaryCrossEntropy: targets are 0, 1 or the ignore_index")
+        elif bool(bad.any()):
+            raise ValueError(
+                f"target values {sorted(set(target[bad].unique().tolist()))[:10]} are not 0, 1 or the "
+                f"ignore_index {self.ignore_index}"
+            )
+        valid = target != self.ignore_index
+        pixel_loss = F.binary_cross_entropy_with_logits(
+            logits.float(), torch.where(valid, target, 0).float(), reduction="none"
+        ).masked_fill(~valid, 0.0)
+        with torch.no_grad():
+            kept, row_threshold, _ = self.select(pixel_loss, target)
+        weight = kept.to(pixel_loss.dtype)
+        if pixel_weight is not None:
+            weight = weight * (pixel_weight[:, None] if pixel_weight.ndim == 3 else pixel_weight).to(weight.dtype)
+        denominator = weight.sum()
+        loss = (pixel_loss * weight).sum() / torch.where(denominator > 0, denominator, 1.0)
+        num_images = logits.shape[0]
+        num_kept = kept.reshape(num_images, -1).sum(1)
+        num_valid = valid.reshape(num_images, -1).sum(1)
+        return OhemResult(
+            loss, kept, pixel_loss.detach(), num_kept, num_valid,
+            num_kept.float() / num_valid.clamp(min=1).float(), row_threshold.reshape(num_images, -1).mean(1),
+        )  # fmt: skip
+
+
+class TwoClassAsBinary(nn.Module):
+    """`OhemBinaryCrossEntropy` for a two-class model (background 0, foreground 1).
+
+    A softmax over logits (l0, l1) is a sigmoid of z = l1 - l0, so the model, evaluation and
+    the dictionary stay two-class while positives (label 1) and negatives (label 0) are mined
+    separately. forward(logits (N, 2, H, W), target (N, H, W)) -> OhemResult of (N, H, W).
+    """
+
+    def __init__(self, binary: OhemBinaryCrossEntropy) -> None:
+        super().__init__()
+        self.binary = binary
+
+    @property
+    def ignore_index(self) -> int:
+        return self.binary.ignore_index
+
+    def forward(self, logits: Tensor, target: Tensor, *, step: int | None = None,
+                pixel_weight: Tensor | None = None) -> OhemResult:  # fmt: skip
+        if logits.ndim != 4 or logits.shape[1] != 2:
+            raise ValueError(f"expected two-class logits (N, 2, H, W), got {tuple(logits.shape)}")
+        z = logits[:, 1:2] - logits[:, 0:1]
+        result = self.binary(z, target[:, None], pixel_weight=pixel_weight)
+        return result._replace(hard_mask=result.hard_mask[:, 0], pixel_loss=result.pixel_loss[:, 0])

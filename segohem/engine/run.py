@@ -31,9 +31,9 @@ from segohem.engine.checkpoint import (
 )
 from segohem.engine.distributed import get_world_size, launched_by_torchrun
 from segohem.engine.optim import build_optimizer, build_scheduler, load_optimizer_state
-from segohem.losses import OhemRegionLoss
+from segohem.losses import OhemRegionLoss, SegmentationLoss
 from segohem.model import build_model, load_model_state
-from segohem.ohem import OhemCrossEntropy
+from segohem.ohem import OhemBinaryCrossEntropy, OhemCrossEntropy, TwoClassAsBinary
 from segohem.refine import class_weights_from_bank
 
 # Version 2: tensors and plain containers only (loadable with weights_only=True), a
@@ -61,7 +61,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu" if name == "auto" else name)
 
 
-def build_loss(cfg: Config, *, refine_bank: HardPixelBank | None = None) -> OhemCrossEntropy | OhemRegionLoss:
+def build_loss(cfg: Config, *, refine_bank: HardPixelBank | None = None) -> SegmentationLoss:
     """The OHEM loss of ``cfg.ohem`` (with its region loss, if any); a refinement bank may scale
     the class weights."""
     ohem, info = cfg.ohem, class_info(cfg.data)
@@ -72,15 +72,39 @@ def build_loss(cfg: Config, *, refine_bank: HardPixelBank | None = None) -> Ohem
         class_weight = class_weight * class_weights_from_bank(refine_bank, power=cfg.refine.class_weight_power)
         named = zip(info.names, class_weight, strict=True)
         print("class weights from the dictionary:", ", ".join(f"{name} {w:.2f}" for name, w in named))
-    loss = OhemCrossEntropy(
-        mode=ohem.mode, thresh=ohem.thresh, min_kept=ohem.min_kept, top_k=ohem.top_k,  # type: ignore[arg-type]
-        scope=ohem.scope, ignore_index=info.ignore_index,  # type: ignore[arg-type]
-        class_weight=None if (class_weight == 1).all() else class_weight.tolist(), warmup_steps=ohem.warmup_steps,
-        class_min_kept=ohem.class_min_kept,
-    )  # fmt: skip
+    loss: OhemCrossEntropy | TwoClassAsBinary
+    if ohem.neg_ratio > 0:
+        loss = _binary_loss(cfg, info)
+    else:
+        loss = OhemCrossEntropy(
+            mode=ohem.mode, thresh=ohem.thresh, min_kept=ohem.min_kept, top_k=ohem.top_k,  # type: ignore[arg-type]
+            scope=ohem.scope, ignore_index=info.ignore_index,  # type: ignore[arg-type]
+            class_weight=None if (class_weight == 1).all() else class_weight.tolist(),
+            warmup_steps=ohem.warmup_steps, class_min_kept=ohem.class_min_kept,
+        )  # fmt: skip
     if ohem.region_loss == "none" and ohem.ce_weight == 1.0:
         return loss
     return OhemRegionLoss(loss, ohem.region_loss, ce_weight=ohem.ce_weight, region_weight=ohem.region_weight)
+
+
+def _binary_loss(cfg: Config, info: ClassInfo) -> TwoClassAsBinary:
+    """``ohem.neg_ratio``: positives and negatives of a two-class task mined apart (a sigmoid loss)."""
+    ohem = cfg.ohem
+    if info.num_classes != 2:
+        raise ConfigError(
+            f"ohem.neg_ratio mines positives and negatives of a two-class task; this data has {info.num_classes} "
+            f"classes (binary masks: data.mask_format=binary). Multi-label tasks: segohem.ohem.OhemBinaryCrossEntropy"
+        )
+    if ohem.class_weight or ohem.class_min_kept or ohem.scope != "image" or cfg.refine.class_weight_power:
+        raise ConfigError(
+            "ohem.neg_ratio does not combine with ohem.class_weight, ohem.class_min_kept, ohem.scope=batch or "
+            "refine.class_weight_power"
+        )
+    binary = OhemBinaryCrossEntropy(
+        mode=ohem.mode, thresh=ohem.thresh, min_kept=ohem.min_kept, top_k=ohem.top_k,  # type: ignore[arg-type]
+        neg_ratio=ohem.neg_ratio, min_neg=ohem.min_neg, ignore_index=info.ignore_index,  # type: ignore[arg-type]
+    )  # fmt: skip
+    return TwoClassAsBinary(binary)
 
 
 def check_format(path: Path, checkpoint: dict[str, Any]) -> None:
@@ -107,7 +131,7 @@ class TrainingRun:
     classes: ClassInfo
     device: torch.device
     model: nn.Module
-    loss_fn: OhemCrossEntropy | OhemRegionLoss
+    loss_fn: SegmentationLoss
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
