@@ -1,0 +1,100 @@
+"""What a dictionary-placed crop costs against a uniform one, and against a training step.
+
+    python scripts/bench_crops.py --bank runs/camvid-full-bench/topk-s0/hard_pixels.sqlite
+
+Reads CamVid at full resolution with the full-resolution protocol's crops (256x256, scale
+0.75-1.5). For each of ``--images`` training images, in turn: a uniform crop (the base
+dataset's), a crop centred on a hard cell, and a crop centred on a rare-class pixel, each timed;
+medians in ms per sample. Then the median of ``--steps`` training steps (Unet + EfficientNet-Lite0,
+batch 8, forward + backward + AdamW, top-k OHEM) on the same thread count, so that the extra
+loading time of a batch of placed crops reads as a share of a step. Without ``--bank`` every
+image gets random hardness maps (placement costs the same whatever the values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from segohem.bank import EpochClassStats, HardPixelBank, SampleStats, confusion_fields
+from segohem.bank_store import load_bank
+from segohem.config import load_config
+from segohem.data import build_dataset
+from segohem.data.transforms import build_train_transform
+from segohem.mining import DictionaryCropDataset
+from segohem.model import build_model
+from segohem.ohem import OhemCrossEntropy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_bank(dataset, num_classes: int) -> HardPixelBank:
+    bank = HardPixelBank(num_classes, cell_size=8)
+    rng = np.random.default_rng(0)
+    for index in range(len(dataset)):
+        hard = rng.random((45, 60)).astype(np.float32)
+        bank.samples[dataset.sample_id(index)] = SampleStats(
+            height=360, width=480, hard_acc=hard, seen_acc=np.ones_like(hard),
+            **confusion_fields(np.zeros((num_classes, num_classes), np.int64)), seen=1,
+        )  # fmt: skip
+    bank.epochs[0] = EpochClassStats(np.zeros(num_classes, np.int64), np.arange(1, num_classes + 1) * 1000)
+    return bank
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "datasets" / "camvid")
+    parser.add_argument("--bank", type=Path, help="a hard_pixels.sqlite of a CamVid run; default: random maps")
+    parser.add_argument("--images", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_config(ROOT / "configs" / "camvid_full.yaml", [
+        f"data.root={args.data_root}", "augment.crop=[256,256]", "augment.scale=[0.75,1.5]", "mining.start_epoch=1",
+        "mining.hard_crop_prob=0.5", "mining.rare_crop_prob=0.5", "model.encoder_weights=null",
+    ])  # fmt: skip
+    base = build_dataset(cfg.data, cfg.augment, split="train", train=True, seed=0)
+    placed = build_train_transform(cfg.augment, ignore_index=base.ignore_index, placement=False)
+    dataset = DictionaryCropDataset(base, cfg.mining, crop=(256, 256), scale=(0.75, 1.5), cell_size=8,
+                                    placed_transform=placed)  # fmt: skip
+    bank = load_bank(args.bank) if args.bank else random_bank(base, 11)
+    dataset.observe(bank, 1)
+    times: dict[str, list[float]] = {"uniform": [], "hard": [], "rare": []}
+    for index in range(args.images):
+        for kind in times:
+            rng = np.random.default_rng(index)
+            started = time.perf_counter()
+            sample = base[index] if kind == "uniform" else dataset._placed(index, kind, rng)
+            times[kind].append(time.perf_counter() - started)
+            assert sample is not None
+    print(f"torch {torch.__version__}, threads {args.threads}, {args.images} CamVid images, 256x256 crops")
+    uniform = statistics.median(times["uniform"])
+    for kind, values in times.items():
+        print(f"{kind:8} crop  {1000 * statistics.median(values):6.1f} ms per sample  "
+              f"x uniform {statistics.median(values) / uniform:.2f}")  # fmt: skip
+    model = build_model(cfg.model, num_classes=11)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn = OhemCrossEntropy(mode="topk", top_k=0.2, ignore_index=11)
+    batch = torch.utils.data.default_collate([base[i] for i in range(8)])
+    step_times = []
+    for _ in range(args.steps + 1):
+        started = time.perf_counter()
+        loss_fn(model(batch["image"]), batch["mask"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        step_times.append(time.perf_counter() - started)
+    step = statistics.median(step_times[1:])
+    for kind in ("hard", "rare"):
+        extra = 8 * (statistics.median(times[kind]) - uniform)
+        print(f"a batch of 8 {kind} crops loads {1000 * extra:+.1f} ms more than uniform ones: "
+              f"{100 * extra / step:+.2f}% of a {1000 * step:.0f} ms training step")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
