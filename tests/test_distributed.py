@@ -78,8 +78,17 @@ def ignored(num_val):
                for i in range(num_val))  # fmt: skip
 
 
-def test_kill_and_resume_under_torchrun_continues_exactly(tmp_path):
-    args = ["data.batch_size=4", *TINY, "train.epochs=3"]
+MINING = [
+    "augment.crop=[48,48]", "augment.scale=[0.75,1.25]", "mining.hard_crop_prob=0.4", "mining.rare_crop_prob=0.4",
+    "mining.sampler=class", "mining.start_epoch=2", "ohem.mode=topk", "ohem.class_min_kept=0.1",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("extra", [[], MINING], ids=["plain", "online-mining"])
+def test_kill_and_resume_under_torchrun_continues_exactly(tmp_path, extra):
+    """With online mining, crops and draws follow the dictionary merged across ranks after each
+    epoch; a resume restores it, so the continued run matches the uninterrupted one exactly."""
+    args = ["data.batch_size=4", *TINY, "train.epochs=3", *extra]
     run(torchrun("train", f"run.output_dir={tmp_path}", "run.name=straight", *args))
     killed = tmp_path / "killed"
     process = subprocess.Popen(torchrun("train", f"run.output_dir={tmp_path}", "run.name=killed", *args),
