@@ -7,8 +7,11 @@ Reads CamVid at full resolution with the full-resolution protocol's crops (256x2
 dataset's), a crop centred on a hard cell, and a crop centred on a rare-class pixel, each timed;
 medians in ms per sample. Then the median of ``--steps`` training steps (Unet + EfficientNet-Lite0,
 batch 8, forward + backward + AdamW, top-k OHEM) on the same thread count, so that the extra
-loading time of a batch of placed crops reads as a share of a step. Without ``--bank`` every
-image gets random hardness maps (placement costs the same whatever the values).
+loading time of a batch of placed crops reads as a share of a step. Last, the read-only
+network's cost (``mining.candidates``): loading ``--candidates`` crops per image and scoring
+them with a no-grad forward at ``--candidate-scale`` of the crop size, against the same step.
+Without ``--bank`` every image gets random hardness maps (placement costs the same whatever
+the values).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from segohem.bank_store import load_bank
 from segohem.config import load_config
 from segohem.data import build_dataset
 from segohem.data.transforms import build_train_transform
-from segohem.mining import DictionaryCropDataset
+from segohem.mining import DictionaryCropDataset, choose_candidates
 from segohem.model import build_model
 from segohem.ohem import OhemCrossEntropy
 
@@ -53,6 +56,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=60)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--candidates", type=int, default=4)
+    parser.add_argument("--candidate-scale", type=float, default=0.5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(ROOT / "configs" / "camvid_full.yaml", [
@@ -94,6 +99,20 @@ def main() -> None:
         extra = 8 * (statistics.median(times[kind]) - uniform)
         print(f"a batch of 8 {kind} crops loads {1000 * extra:+.1f} ms more than uniform ones: "
               f"{100 * extra / step:+.2f}% of a {1000 * step:.0f} ms training step")  # fmt: skip
+    candidates = torch.utils.data.default_collate([base[i] for i in range(8 * args.candidates)])
+    batch = {f"candidate_{k}": candidates[k].reshape(8, args.candidates, *candidates[k].shape[1:])
+             for k in ("image", "mask", "source_yx")}  # fmt: skip
+    batch["candidate_crop_kind"] = torch.zeros(8, args.candidates, dtype=torch.long)
+    score_times = []
+    for _ in range(args.steps + 1):
+        started = time.perf_counter()
+        choose_candidates(model, loss_fn, batch, scale=args.candidate_scale, device=torch.device("cpu"))
+        score_times.append(time.perf_counter() - started)
+    score = statistics.median(score_times[1:])
+    loading = 8 * (args.candidates - 1) * uniform
+    print(f"read-only scoring of {args.candidates} candidates per image at {args.candidate_scale:g}x: "
+          f"{1000 * score:.0f} ms forward + {1000 * loading:.0f} ms loading per batch of 8, "
+          f"{100 * (score + loading) / step:+.1f}% of a training step")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -271,6 +271,11 @@ class MiningConfig:
     rare_power: float = setting(
         1.0, "rare crops: a class present is drawn in proportion to its pixel frequency ** -this", ge=0.0
     )
+    candidates: int = setting(
+        1, "the paper's read-only network: each training image offers this many crops, scored by a no-grad forward; "
+        "the hardest is trained on (1: off)", ge=1,
+    )  # fmt: skip
+    candidate_scale: float = setting(0.5, "candidates are scored at this fraction of the crop size", gt=0.0, le=1.0)
     sampler: RefineSampler = setting(
         "none", "none | image | class: draw training images by their hardness in the dictionary (see refine.sampler)"
     )
@@ -582,7 +587,7 @@ def validate(config: Config) -> None:
 def _validate_mining(config: Config) -> None:
     """Dictionary crops need crops, a dictionary and probabilities that add up to at most 1."""
     mining = config.mining
-    steering = mining.hard_crop_prob > 0 or mining.rare_crop_prob > 0
+    steering = mining.hard_crop_prob > 0 or mining.rare_crop_prob > 0 or mining.candidates > 1
     if mining.hard_crop_prob + mining.rare_crop_prob > 1.0:
         raise ConfigError(
             f"mining.hard_crop_prob + mining.rare_crop_prob = {mining.hard_crop_prob + mining.rare_crop_prob:g} "
@@ -590,7 +595,7 @@ def _validate_mining(config: Config) -> None:
         )
     if steering and not config.augment.crop:
         raise ConfigError(
-            "mining.hard_crop_prob / mining.rare_crop_prob place training crops: set augment.crop=[H, W] as well"
+            "mining.hard_crop_prob / rare_crop_prob / candidates choose training crops: set augment.crop=[H, W] as well"
         )
     if (steering or mining.sampler != "none") and not config.bank.enabled:
         raise ConfigError("mining.* is driven by the hard-pixel dictionary: set bank.enabled=true")

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset, Sampler
 
 from segohem.bank import HardPixelBank
@@ -31,6 +32,8 @@ from segohem.data.samplers import EpochShuffleSampler
 from segohem.refine import WeightedEpochSampler, image_weights
 
 CROP_KINDS = ("uniform", "hard", "rare")
+CANDIDATE_KEYS = ("image", "mask", "source_yx", "crop_kind")
+_CANDIDATE_STRIDE = 1000  # candidate j of a key is drawn as repeat j * 1000 of its image: its own seed
 
 
 def cut_window(
@@ -142,6 +145,17 @@ class DictionaryCropDataset(Dataset[dict[str, Any]]):
         return "uniform", rng
 
     def __getitem__(self, key: int) -> dict[str, Any]:
+        sample = self._one(key)
+        if self.cfg.candidates > 1 and self.active:
+            # the read-only network's candidates: this crop and M - 1 more, each placed by the
+            # same rules with a seed of its own; the loop scores them and keeps the hardest
+            others = [self._one(key + j * _CANDIDATE_STRIDE * len(self.base)) for j in range(1, self.cfg.candidates)]
+            for name in CANDIDATE_KEYS:
+                values = [sample[name], *(other[name] for other in others)]
+                sample[f"candidate_{name}"] = torch.stack([torch.as_tensor(v) for v in values])
+        return sample
+
+    def _one(self, key: int) -> dict[str, Any]:
         kind, rng = self.crop_kind(key)
         sample = self._placed(key, kind, rng) if kind != "uniform" else None
         if sample is None:  # uniform, or nothing known to steer by yet
@@ -217,3 +231,45 @@ class DictionarySampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._current())
+
+
+@torch.no_grad()
+def choose_candidates(
+    model: torch.nn.Module, loss_fn: Callable[..., Any], batch: dict[str, Any], *, scale: float,
+    device: torch.device, divisor: int = 32,
+) -> tuple[dict[str, Any], torch.Tensor]:  # fmt: skip
+    """The paper's read-only network: score each image's M candidate crops with a no-grad
+    forward (batch-norm in eval mode, at ``scale`` of the crop size, rounded to ``divisor``)
+    and keep the hardest. A crop's score is the mean loss of the pixels the OHEM rule keeps in
+    it, so crops with more valid pixels are not favoured. Returns the batch with ``image``,
+    ``mask``, ``source_yx`` and ``crop_kind`` replaced by the chosen candidates (the
+    ``candidate_*`` keys removed), and the (B, M) scores.
+    """
+    images = batch["candidate_image"]  # (B, M, 3, H, W)
+    num_images, num_candidates = images.shape[:2]
+    flat = images.flatten(0, 1).to(device)
+    masks = batch["candidate_mask"].flatten(0, 1).to(device)
+    height, width = flat.shape[-2:]
+    size = (
+        max(divisor, round(height * scale / divisor) * divisor),
+        max(divisor, round(width * scale / divisor) * divisor),
+    )
+    if size != (height, width):
+        flat = torch.nn.functional.interpolate(flat, size=size, mode="bilinear", align_corners=False)
+        masks = torch.nn.functional.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(flat)
+    finally:
+        model.train(was_training)
+    result = loss_fn(logits.float(), masks)
+    kept = result.hard_mask.reshape(len(flat), -1).float()
+    losses = result.pixel_loss.reshape(len(flat), -1)
+    scores = ((losses * kept).sum(1) / kept.sum(1).clamp(min=1)).reshape(num_images, num_candidates)
+    chosen = scores.argmax(1).cpu()
+    rows = torch.arange(num_images)
+    out = {key: value for key, value in batch.items() if not key.startswith("candidate_")}
+    for name in CANDIDATE_KEYS:
+        out[name] = batch[f"candidate_{name}"][rows, chosen]
+    return out, scores

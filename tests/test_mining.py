@@ -15,7 +15,14 @@ from segohem.data import build_dataset
 from segohem.data.samplers import repeat_keys
 from segohem.data.transforms import build_train_transform
 from segohem.engine import loop
-from segohem.mining import DictionaryCropDataset, DictionarySampler, hard_cell_centre, rare_pixel_centre
+from segohem.mining import (
+    DictionaryCropDataset,
+    DictionarySampler,
+    choose_candidates,
+    hard_cell_centre,
+    rare_pixel_centre,
+)  # fmt: skip
+from segohem.ohem import OhemCrossEntropy
 
 from .conftest import tiny_config
 
@@ -162,7 +169,7 @@ def test_training_with_online_mining_is_seeded_and_resumes_exactly(tmp_path, mon
     overrides = [
         "augment.crop=[32,32]", "augment.scale=[0.75,1.5]", "mining.hard_crop_prob=0.4", "mining.rare_crop_prob=0.4",
         "mining.sampler=class", "mining.start_epoch=2", "train.epochs=3", "ohem.mode=topk", "ohem.class_min_kept=0.2",
-        "ohem.region_loss=dice", "wandb.mode=disabled",
+        "ohem.region_loss=dice", "mining.candidates=2", "wandb.mode=disabled",
     ]  # fmt: skip
     run_train(tiny_config(tmp_path / "a", *overrides), resume_from=None)
     whole = tmp_path / "a" / "tiny"
@@ -187,3 +194,43 @@ def test_training_with_online_mining_is_seeded_and_resumes_exactly(tmp_path, mon
     first = torch.load(whole / "last.pt", weights_only=True)["model"]
     second = torch.load(resumed / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+class ConstantClassZero(torch.nn.Module):
+    """Predicts class 0 everywhere, confidently; records the mode and input size it ran in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(3)
+        self.seen: list[tuple[bool, tuple[int, ...]]] = []
+
+    def forward(self, x):
+        self.seen.append((self.training, tuple(x.shape)))
+        logits = torch.zeros(x.shape[0], 3, *x.shape[2:])
+        logits[:, 0] = 5.0
+        return logits + 0 * self.bn(x).mean()
+
+
+def test_candidates_are_scored_read_only_and_the_hardest_is_kept():
+    masks = torch.zeros(2, 3, 64, 64, dtype=torch.long)  # 2 images x 3 candidates
+    masks[0, 1] = 1  # image 0: candidate 1 disagrees with the model everywhere
+    masks[1, 2, :32] = 2  # image 1: candidate 2 half wrong, candidate 0 right
+    masks[1, 0, :, :] = 0
+    images = torch.arange(2 * 3, dtype=torch.float32).reshape(2, 3, 1, 1, 1).expand(2, 3, 3, 64, 64).clone()
+    batch = {
+        "candidate_image": images, "candidate_mask": masks, "candidate_source_yx": torch.zeros(2, 3, 2, 64, 64),
+        "candidate_crop_kind": torch.tensor([[0, 1, 2], [0, 0, 1]]), "image": images[:, 0], "mask": masks[:, 0],
+        "sample_id": ["a", "b"],
+    }  # fmt: skip
+    model = ConstantClassZero().train()
+    buffers = [b.clone() for b in model.buffers()]
+    chosen, scores = choose_candidates(
+        model, OhemCrossEntropy(mode="topk", top_k=0.2, ignore_index=255), batch, scale=0.5,
+        device=torch.device("cpu"), divisor=16,
+    )  # fmt: skip
+    assert scores.shape == (2, 3) and scores.argmax(1).tolist() == [1, 2]
+    assert torch.equal(chosen["mask"], torch.stack([masks[0, 1], masks[1, 2]]))
+    assert torch.equal(chosen["image"][:, 0, 0, 0], torch.tensor([1.0, 5.0]))
+    assert chosen["crop_kind"].tolist() == [1, 1] and not any(k.startswith("candidate_") for k in chosen)
+    assert model.seen == [(False, (6, 3, 32, 32))] and model.training  # eval mode, half size, one pass
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))  # read-only

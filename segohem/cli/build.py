@@ -48,7 +48,7 @@ def build_loaders(cfg: Config, *, refine_bank: HardPixelBank | None = None) -> L
     refine, mining = cfg.refine, cfg.mining
     if mining.sampler != "none":
         sampler = DictionarySampler(base_set, mining, seed=cfg.run.seed, **shard)
-    if mining.hard_crop_prob > 0 or mining.rare_crop_prob > 0:
+    if mining.hard_crop_prob > 0 or mining.rare_crop_prob > 0 or mining.candidates > 1:
         if refine_bank is not None and (refine.hard_crop_prob > 0 or refine.pixel_weight > 0):
             raise ConfigError(
                 "mining.hard_crop_prob / rare_crop_prob and refine.hard_crop_prob / pixel_weight both place crops; "

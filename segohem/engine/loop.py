@@ -27,7 +27,7 @@ from segohem.engine.inference import eval_logits, valid_sizes, working_size_of
 from segohem.engine.panels import bank_rows, fixed_indices, prediction_panels
 from segohem.engine.run import Progress, TrainingRun
 from segohem.metrics import ConfusionMatrix, format_table
-from segohem.mining import CROP_KINDS
+from segohem.mining import CROP_KINDS, choose_candidates
 from segohem.tracking import Logger
 from segohem.visualize import EpochVisuals
 
@@ -178,6 +178,10 @@ def train_one_epoch(run: TrainingRun, loader: DataLoader[Any], *, logger: Logger
     group, group_finite = _Group([], [], []), True
     crop_kinds = torch.zeros(len(CROP_KINDS), dtype=torch.int64)  # online mining: crops by kind
     for batch_index, batch in enumerate(bar):
+        if "candidate_image" in batch:  # online mining: keep the hardest of each image's candidate crops
+            with autocast_context(run.device, train_cfg.amp):
+                batch, _ = choose_candidates(run.model, run.loss_fn, batch, scale=run.config.mining.candidate_scale,
+                                             device=run.device, divisor=run.config.augment.pad_divisor)  # fmt: skip
         if "crop_kind" in batch:
             crop_kinds += torch.bincount(batch["crop_kind"], minlength=len(CROP_KINDS))
         group_start = batch_index - batch_index % accumulate
