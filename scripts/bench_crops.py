@@ -10,7 +10,9 @@ batch 8, forward + backward + AdamW, top-k OHEM) on the same thread count, so th
 loading time of a batch of placed crops reads as a share of a step. Last, the read-only
 network's cost (``mining.candidates``): loading ``--candidates`` crops per image and scoring
 them with a no-grad forward at ``--candidate-scale`` of the crop size, against the same step.
-Without ``--bank`` every image gets random hardness maps (placement costs the same whatever
+``--classes`` prints instead the class shares of the pixels of each kind of crop over every
+third training image (what a kind of crop shows the model). Without ``--bank`` every image
+gets random hardness maps (placement costs the same whatever
 the values).
 """
 
@@ -27,7 +29,7 @@ import torch
 from segohem.bank import EpochClassStats, HardPixelBank, SampleStats, confusion_fields
 from segohem.bank_store import load_bank
 from segohem.config import load_config
-from segohem.data import build_dataset
+from segohem.data import build_dataset, class_info
 from segohem.data.transforms import build_train_transform
 from segohem.mining import DictionaryCropDataset, choose_candidates
 from segohem.model import build_model
@@ -49,6 +51,23 @@ def random_bank(dataset, num_classes: int) -> HardPixelBank:
     return bank
 
 
+def print_class_shares(dataset: DictionaryCropDataset, base) -> None:
+    """Share of each class among the labelled pixels of uniform, hard-cell and rare-class crops."""
+    shares = {}
+    for kind in ("uniform", "hard", "rare"):
+        counts = np.zeros(base.num_classes)
+        for index in range(0, len(base), 3):
+            sample = base[index] if kind == "uniform" else dataset._placed(index, kind, np.random.default_rng(index))
+            assert sample is not None
+            mask = sample["mask"].numpy().ravel()
+            counts += np.bincount(mask[mask < base.num_classes], minlength=base.num_classes)
+        shares[kind] = counts / counts.sum()
+    names = load_config(ROOT / "configs" / "camvid_full.yaml").data
+    print("class          uniform     hard     rare   (% of labelled crop pixels)")
+    for c, name in enumerate(class_info(names).names):
+        print(f"{name:12} " + "  ".join(f"{100 * shares[k][c]:7.2f}" for k in shares))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "datasets" / "camvid")
@@ -58,6 +77,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--candidate-scale", type=float, default=0.5)
+    parser.add_argument("--classes", action="store_true", help="class shares per kind of crop, no timing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(ROOT / "configs" / "camvid_full.yaml", [
@@ -70,6 +90,9 @@ def main() -> None:
                                     placed_transform=placed)  # fmt: skip
     bank = load_bank(args.bank) if args.bank else random_bank(base, 11)
     dataset.observe(bank, 1)
+    if args.classes:
+        print_class_shares(dataset, base)
+        return
     times: dict[str, list[float]] = {"uniform": [], "hard": [], "rare": []}
     for index in range(args.images):
         for kind in times:
