@@ -269,7 +269,7 @@ class MiningConfig:
         0.0, "probability a training crop is centred on a pixel of a rare class present in the image", ge=0.0, le=1.0
     )
     rare_power: float = setting(
-        1.0, "rare crops: a class present is drawn in proportion to its pixel frequency ** -this", ge=0.0
+        1.0, "rare crops: a class present is drawn in proportion to its pixel frequency ** -this", ge=0.0, le=8.0
     )
     candidates: int = setting(
         1, "the paper's read-only network: each training image offers this many crops, scored by a no-grad forward; "
@@ -597,8 +597,17 @@ def _validate_mining(config: Config) -> None:
         raise ConfigError(
             "mining.hard_crop_prob / rare_crop_prob / candidates choose training crops: set augment.crop=[H, W] as well"
         )
-    if (steering or mining.sampler != "none") and not config.bank.enabled:
-        raise ConfigError("mining.* is driven by the hard-pixel dictionary: set bank.enabled=true")
+    driven = [f"mining.{key}" for key, on in (("hard_crop_prob", mining.hard_crop_prob > 0),
+              ("rare_crop_prob", mining.rare_crop_prob > 0), ("sampler", mining.sampler != "none")) if on]  # fmt: skip
+    if driven and not config.bank.enabled:
+        raise ConfigError(f"{', '.join(driven)} is driven by the hard-pixel dictionary: set bank.enabled=true")
+    if mining.candidates > 1 and config.ohem.scope != "image":
+        raise ConfigError(
+            "mining.candidates scores each crop by its own kept pixels: ohem.scope=batch would let the other "
+            "images of the batch decide; use ohem.scope=image"
+        )
+    if mining.sampler != "none" and config.refine.sampler != "none":
+        raise ConfigError("mining.sampler and refine.sampler both draw the training images; set one of them to none")
 
 
 def _validate_eval(cfg: EvalConfig) -> None:

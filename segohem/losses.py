@@ -37,7 +37,8 @@ class OhemRegionLoss(nn.Module):
 
     forward takes and returns what `OhemCrossEntropy.forward` does; only ``loss`` differs. The
     region loss sees fp32 logits and is not re-weighted by ``pixel_weight`` (a set-level loss
-    has no per-pixel terms to weigh).
+    has no per-pixel terms to weigh). Nothing kept (an all-ignored batch): the region term is an
+    exact zero attached to the graph, as the cross-entropy's is.
     """
 
     def __init__(self, ohem: OhemCrossEntropy | TwoClassAsBinary, region: str, *, ce_weight: float = 1.0,
@@ -57,6 +58,8 @@ class OhemRegionLoss(nn.Module):
         result = self.ohem(logits, target, step=step, pixel_weight=pixel_weight)
         if self.region is None:
             return result._replace(loss=self.ce_weight * result.loss)
+        if not bool(result.hard_mask.any()):  # host sync: smp's Lovász / focal give no scalar / NaN then
+            return result._replace(loss=self.ce_weight * result.loss + 0.0 * logits.sum())
         masked = kept_target(target, result.hard_mask, ignore_index=self.ohem.ignore_index)
         region = self.region(logits.float(), masked)
         loss = self.ce_weight * result.loss + self.region_weight * region.to(torch.float32)

@@ -82,7 +82,7 @@ def rare_pixel_centre(
     classes = classes[present]
     if not len(classes):
         return None
-    weights = np.maximum(frequency[classes], 1e-12) ** -power
+    weights = np.maximum(frequency[classes], 1e-6) ** -power  # a class never counted yet: rarest, finite
     chosen = classes[rng.choice(len(classes), p=weights / weights.sum())]
     rows, cols = np.nonzero(mask == chosen)
     pick = int(rng.integers(len(rows)))
@@ -127,6 +127,7 @@ class DictionaryCropDataset(Dataset[dict[str, Any]]):
         """Snapshot what the crops are placed by: each image's hardness map and the classes' pixel
         frequencies, from the dictionary as it stands at the start of ``epoch``."""
         self.hardness = {key: stats.hardness for key, stats in bank.samples.items()}
+        self.cell_size = bank.cell_size  # the maps' own cells (a loaded bank keeps the size it was made with)
         valid = sum((stats.valid for stats in bank.epochs.values()), np.zeros(bank.num_classes, np.int64))
         self.frequency = valid / valid.sum() if valid.sum() > 0 else None
 

@@ -332,6 +332,12 @@ def class_quota_mask(
     """
     pixels, fraction = parse_amount(amount, name="class_min_kept")
     num_images = pixel_loss.shape[0]
+    bad = valid_mask & ((target < 0) | (target >= num_classes))
+    if _sync_free(target):
+        torch._assert_async(~bad.any(), "class_quota_mask: labels outside [0, num_classes)")
+    elif bool(bad.any()):
+        raise ValueError(f"class_quota_mask: label values {sorted(set(target[bad].tolist()))[:10]} are outside "
+                         f"[0, {num_classes}) where valid_mask is True")  # fmt: skip
     with torch.no_grad():
         loss = pixel_loss.detach().float().reshape(num_images, -1)
         valid = valid_mask.reshape(num_images, -1)

@@ -87,3 +87,19 @@ def test_combined_loss_weights_and_config():
     loss = build_loss(cfg)
     assert isinstance(loss, OhemRegionLoss) and loss.region_weight == 0.5 and loss.ohem.class_min_kept == 0.1
     assert isinstance(build_loss(load_config(None, [])), OhemCrossEntropy)
+
+
+@pytest.mark.parametrize("name", ["dice", "lovasz", "focal"])
+def test_nothing_kept_gives_a_zero_region_term_attached_to_the_graph(name):
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    target = torch.full((2, 4, 4), IGNORE)
+    result = OhemRegionLoss(OhemCrossEntropy(mode="topk", top_k=0.2, ignore_index=IGNORE), name)(logits, target)
+    assert result.loss.shape == () and result.loss.item() == 0.0
+    result.loss.backward()
+    assert logits.grad is not None and logits.grad.abs().sum() == 0
+
+
+def test_class_quota_names_labels_outside_the_classes():
+    target = torch.tensor([[[0, 3, IGNORE]]])
+    with pytest.raises(ValueError, match=r"label values \[3\] are outside \[0, 3\)"):
+        class_quota_mask(torch.ones(1, 1, 3), target, target != IGNORE, num_classes=3, amount=1)

@@ -67,6 +67,20 @@ def test_hard_crops_cover_the_hard_cells_at_every_scale(scale):
         assert rows.min() >= 96 - 32 / scale[0] - 8 and cols.min() >= 128 - 32 / scale[0] - 8
 
 
+def test_hard_crops_use_the_cell_size_of_the_dictionary_they_read():
+    dataset = crop_dataset("mining.hard_crop_prob=1.0", "mining.start_epoch=1")  # built with 8-pixel cells
+    bank = HardPixelBank(7, cell_size=16)
+    hard = np.zeros((6, 8), np.float32)
+    hard[5, 7] = 1.0  # the bottom-right 16x16 cell: rows 80-95, cols 112-127
+    bank.samples["synthetic-train-00000"] = SampleStats(
+        height=96, width=128, hard_acc=hard, seen_acc=np.ones_like(hard),
+        **confusion_fields(np.zeros((7, 7), np.int64)), seen=1,
+    )  # fmt: skip
+    dataset.observe(bank, 0)
+    rows, cols = dataset[0]["source_yx"]
+    assert rows.max() >= 80 and cols.max() >= 112
+
+
 def test_crops_stay_uniform_before_start_epoch_and_without_knowledge():
     dataset = crop_dataset("mining.hard_crop_prob=1.0", "mining.start_epoch=3")
     dataset.observe(corner_bank(), 0)
@@ -161,8 +175,14 @@ def test_mining_config_errors_name_the_keys():
         load_config(None, ["mining.hard_crop_prob=0.5"])
     with pytest.raises(ConfigError, match=r"mining.hard_crop_prob \+ mining.rare_crop_prob = 1.2"):
         load_config(None, ["mining.hard_crop_prob=0.6", "mining.rare_crop_prob=0.6", "augment.crop=[32,32]"])
-    with pytest.raises(ConfigError, match=r"bank\.enabled"):
+    with pytest.raises(ConfigError, match=r"mining\.sampler is driven by the hard-pixel dictionary: set bank\.enabled"):
         load_config(None, ["mining.sampler=class", "bank.enabled=false"])
+    with pytest.raises(ConfigError, match=r"use ohem\.scope=image"):
+        load_config(None, ["mining.candidates=4", "augment.crop=[32,32]", "ohem.scope=batch"])
+    with pytest.raises(ConfigError, match=r"mining\.sampler and refine\.sampler"):
+        load_config(None, ["mining.sampler=class", "refine.sampler=image"])
+    with pytest.raises(ConfigError, match=r"mining\.rare_power: 100\.0 is out of range"):
+        load_config(None, ["mining.rare_power=100"])
 
 
 def test_training_with_online_mining_is_seeded_and_resumes_exactly(tmp_path, monkeypatch):

@@ -95,10 +95,11 @@ def _binary_loss(cfg: Config, info: ClassInfo) -> TwoClassAsBinary:
             f"ohem.neg_ratio mines positives and negatives of a two-class task; this data has {info.num_classes} "
             f"classes (binary masks: data.mask_format=binary). Multi-label tasks: segohem.ohem.OhemBinaryCrossEntropy"
         )
-    if ohem.class_weight or ohem.class_min_kept or ohem.scope != "image" or cfg.refine.class_weight_power:
+    if ohem.class_weight or ohem.class_min_kept or ohem.scope != "image" or cfg.refine.class_weight_power \
+            or ohem.warmup_steps:  # fmt: skip
         raise ConfigError(
-            "ohem.neg_ratio does not combine with ohem.class_weight, ohem.class_min_kept, ohem.scope=batch or "
-            "refine.class_weight_power"
+            "ohem.neg_ratio does not combine with ohem.class_weight, ohem.class_min_kept, ohem.scope=batch, "
+            "ohem.warmup_steps or refine.class_weight_power"
         )
     binary = OhemBinaryCrossEntropy(
         mode=ohem.mode, thresh=ohem.thresh, min_kept=ohem.min_kept, top_k=ohem.top_k,  # type: ignore[arg-type]
@@ -184,9 +185,12 @@ class TrainingRun:
         )  # fmt: skip
 
     @classmethod
-    def resume(cls, cfg: Config, checkpoint_path: Path, *, steps_per_epoch: int) -> TrainingRun:
-        """Continue exactly where ``checkpoint_path`` (a run's last.pt) stopped."""
-        run = cls.create(cfg, steps_per_epoch=steps_per_epoch, pretrained=False)
+    def resume(
+        cls, cfg: Config, checkpoint_path: Path, *, steps_per_epoch: int, refine_bank: HardPixelBank | None = None
+    ) -> TrainingRun:
+        """Continue exactly where ``checkpoint_path`` (a run's last.pt) stopped; a refinement
+        stage passes the bank that drives it (its class weights)."""
+        run = cls.create(cfg, steps_per_epoch=steps_per_epoch, pretrained=False, refine_bank=refine_bank)
         run.load_state_dict(load_checkpoint(checkpoint_path), source=checkpoint_path)
         return run
 
