@@ -129,3 +129,29 @@ def test_class_weights_follow_each_class_hard_fraction():
     assert weights[1] / weights[0] == pytest.approx(16.0)
     assert weights[:2].mean() == pytest.approx(1.0) and weights[2] == 1.0  # unseen class keeps weight 1
     assert class_weights_from_bank(bank, power=0.0)[:2].tolist() == [1.0, 1.0]
+
+
+def test_a_resumed_refinement_stage_is_still_driven_by_its_bank(tmp_path, monkeypatch):
+    """A refinement stage interrupted and resumed draws, crops and weighs as it did: the bank
+    that drives it is loaded again (it used to be dropped, leaving a plain continuation)."""
+    from segohem.engine import loop
+
+    run_train(tiny_config(tmp_path, "train.snapshot_epochs=[1]"), resume_from=None)
+    stage = ["refine", "--run", str(tmp_path / "tiny"), "--checkpoint", "epoch001.pt", "train.epochs=3",
+             "refine.sampler=class", "refine.hard_crop_prob=0.5", "refine.class_weight_power=1.0"]  # fmt: skip
+    assert main([*stage, "run.name=straight"]) == 0
+    original = loop.save_checkpoint
+
+    def stop_after_epoch_2(state, path):
+        original(state, path)
+        if path.name == "last.pt" and state["progress"]["epoch"] == 2:
+            raise KeyboardInterrupt("stopped after epoch 2")
+
+    monkeypatch.setattr(loop, "save_checkpoint", stop_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        main([*stage, "run.name=stopped"])
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(tmp_path / "stopped")]) == 0
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
+    resumed = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -112,8 +112,11 @@ def _build_run(cfg: Config, *, resume_from: Path | None) -> tuple[TrainingRun, L
         problem = check_store(store) if store.exists() else None
         if problem:
             warnings.warn(f"{problem}; it will be rebuilt from the checkpoint's dictionary", stacklevel=2)
-        loaders = build_loaders(cfg)
-        run = TrainingRun.resume(cfg, resume_from / "last.pt", steps_per_epoch=_steps_per_epoch(cfg, loaders))
+        # a refinement stage keeps being driven by the bank it started from (sampler, crops, weights)
+        refine_bank = load_refine_bank(cfg.refine, load_checkpoint(Path(cfg.refine.init))) if cfg.refine.init else None
+        loaders = build_loaders(cfg, refine_bank=refine_bank)
+        run = TrainingRun.resume(cfg, resume_from / "last.pt", steps_per_epoch=_steps_per_epoch(cfg, loaders),
+                                 refine_bank=refine_bank)  # fmt: skip
         if is_main_process():
             print(
                 f"continuing from {resume_from / 'last.pt'} after epoch {run.progress.epoch} (step {run.progress.step})"
