@@ -169,6 +169,10 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> Path:
            "MKL_NUM_THREADS": str(args.threads)}  # fmt: skip
     started = time.perf_counter()
     args.runs.mkdir(parents=True, exist_ok=True)
+    # the commit and machine a run started on (a resumed run keeps them: the result describes its start)
+    origin = args.runs / f"{name}.provenance.json"
+    if not origin.exists():
+        origin.write_text(json.dumps(provenance()))
     with (args.runs / f"{name}.log").open("a") as log:
         for command in commands:
             log.write(f"$ {' '.join(command)}\n")
@@ -182,7 +186,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> Path:
         "final_iou": {k.removeprefix("val/iou/"): v for k, v in final.items() if k.startswith("val/iou/")},
         "wall_seconds_this_sitting": time.perf_counter() - started,
         "train_seconds": sum(r["train/epoch_seconds"] for r in records), "threads": args.threads,
-        "commands": [" ".join(c) for c in commands], **provenance(),
+        "commands": [" ".join(c) for c in commands], **json.loads(origin.read_text()),
     }  # fmt: skip
     args.results.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(result, indent=2))

@@ -80,3 +80,24 @@ def test_hard_duplicate_nms_suppresses_overlapping_masks_keeping_the_hardest():
     assert sorted(module.greedy_nms(np.array([0.5, 0.9, 0.1, 0.2]), iou, 0.7).tolist()) == [1, 2]
     # image 0 the hardest: suppresses 1 only; 3 overlaps 0 at 0.6 and stays
     assert sorted(module.greedy_nms(np.array([0.9, 0.5, 0.1, 0.2]), iou, 0.7).tolist()) == [0, 2, 3]
+
+
+def test_a_result_records_the_commit_its_run_started_on(bench, tmp_path, monkeypatch):
+    args = argparse.Namespace(protocol="full", runs=tmp_path / "runs", results=tmp_path / "results", set=[],
+                              threads=1, data_root=tmp_path / "camvid", weights=tmp_path / "w.pth")  # fmt: skip
+
+    def fake_train(command, **kwargs):  # a finished run folder, as `segohem train` leaves it
+        run_dir = args.runs / "topk-s0"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "epochs.jsonl").write_text(
+            json.dumps({"epoch": 16, "val/miou": 0.6, "val/iou/road": 0.9, "train/epoch_seconds": 10.0}) + "\n"
+        )
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_train)
+    monkeypatch.setattr(bench, "provenance", lambda: {"commit": "started-here", "cpu": "c", "gpu": "none"})
+    first = json.loads(bench.run_one("topk", 0, args).read_text())
+    assert first["commit"] == "started-here" and first["definition"] == bench.FULL_METHODS["topk"]
+    # interrupted before its result was written, resumed later from another commit
+    (args.results / "topk-s0.json").unlink()
+    monkeypatch.setattr(bench, "provenance", lambda: {"commit": "resumed-here", "cpu": "c", "gpu": "none"})
+    assert json.loads(bench.run_one("topk", 0, args).read_text())["commit"] == "started-here"
