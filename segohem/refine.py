@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from segohem.bank import HardPixelBank
+from segohem.crops import cut_window, hard_cell_centre
 from segohem.data.datasets import SegmentationDataset
 from segohem.data.samplers import repeat_keys, shard_by_batch
 
@@ -147,23 +148,13 @@ class BankDrivenDataset(Dataset[dict[str, Any]]):
         self, index: int, hardness: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
         image, mask, source_yx, original_hw = self.base.load(index, scale=self.crop_scale)
-        out_h, out_w = self.base.resize or original_hw
-        probs = hardness.ravel() ** self.sharpness
-        cell = int(rng.choice(probs.size, p=probs / probs.sum()))
-        cell_size = self.bank.cell_size
+        centre = hard_cell_centre(hardness, cell_size=self.bank.cell_size, sharpness=self.sharpness, rng=rng)
+        assert centre is not None  # the caller saw a hard cell
         # centre in original pixels -> in the scaled image's pixels
-        centre_y = ((cell // hardness.shape[1]) + rng.random()) * cell_size * image.shape[0] / original_hw[0]
-        centre_x = ((cell % hardness.shape[1]) + rng.random()) * cell_size * image.shape[1] / original_hw[1]
-        top = int(np.clip(round(centre_y - out_h / 2), 0, max(0, image.shape[0] - out_h)))
-        left = int(np.clip(round(centre_x - out_w / 2), 0, max(0, image.shape[1] - out_w)))
-        window = (slice(top, top + out_h), slice(left, left + out_w))
-        image, mask, source_yx = image[window], mask[window], source_yx[window]
-        if image.shape[:2] != (out_h, out_w):  # scaled image smaller than the window: pad with ignore
-            pad = ((0, out_h - image.shape[0]), (0, out_w - image.shape[1]))
-            image = np.pad(image, (*pad, (0, 0)))
-            mask = np.pad(mask, pad, constant_values=self.base.ignore_index)
-            source_yx = np.pad(source_yx, (*pad, (0, 0)))
-        return image, mask, source_yx, original_hw
+        scaled = (centre[0] * image.shape[0] / original_hw[0], centre[1] * image.shape[1] / original_hw[1])
+        window = cut_window((image, mask, source_yx), scaled, self.base.resize or original_hw,
+                            ignore_index=self.base.ignore_index)  # fmt: skip
+        return (*window, original_hw)
 
     def _pixel_weight(self, sample: dict[str, Any], hardness: np.ndarray | None) -> torch.Tensor:
         weight = torch.ones(sample["mask"].shape)
