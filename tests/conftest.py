@@ -1,4 +1,6 @@
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,3 +33,23 @@ def camvid_root() -> Path:
     if not (SHARED_CAMVID / "train").is_dir():
         pytest.skip(f"CamVid copy not found at {SHARED_CAMVID} (set SEGOHEM_CAMVID to a copy to run this)")
     return SHARED_CAMVID
+
+
+@contextmanager
+def interrupted_after_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> Iterator[None]:
+    """Inside: a training run stops (KeyboardInterrupt) right after writing epoch ``epoch``'s last.pt."""
+    from segohem.engine import loop
+
+    original = loop.save_checkpoint
+
+    def save_then_stop(state, path):
+        original(state, path)
+        if path.name == "last.pt" and state["progress"]["epoch"] == epoch:
+            raise KeyboardInterrupt(f"stopped after epoch {epoch}")
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.undo()

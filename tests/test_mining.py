@@ -14,7 +14,6 @@ from segohem.config import ConfigError, load_config
 from segohem.data import build_dataset
 from segohem.data.samplers import repeat_keys
 from segohem.data.transforms import build_train_transform
-from segohem.engine import loop
 from segohem.mining import (
     DictionaryCropDataset,
     DictionarySampler,
@@ -24,7 +23,7 @@ from segohem.mining import (
 )  # fmt: skip
 from segohem.ohem import OhemCrossEntropy
 
-from .conftest import tiny_config
+from .conftest import interrupted_after_epoch, tiny_config
 
 ORIGINAL_HW = (96, 128)
 
@@ -198,17 +197,8 @@ def test_training_with_online_mining_is_seeded_and_resumes_exactly(tmp_path, mon
     assert records[1]["train/hard_crops"] + records[1]["train/rare_crops"] > 0
     # interrupted after epoch 2, resumed for the third: the same crops, the same weights
     cfg = tiny_config(tmp_path / "b", *overrides)
-    original = loop.save_checkpoint
-
-    def stop_after_epoch_2(state, path):
-        original(state, path)
-        if path.name == "last.pt" and state["progress"]["epoch"] == 2:
-            raise KeyboardInterrupt("stopped after epoch 2")
-
-    monkeypatch.setattr(loop, "save_checkpoint", stop_after_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after_epoch(monkeypatch, 2):
         run_train(cfg, resume_from=None)
-    monkeypatch.undo()
     resumed = tmp_path / "b" / "tiny"
     run_train(cfg, resume_from=resumed)
     first = torch.load(whole / "last.pt", weights_only=True)["model"]

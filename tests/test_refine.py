@@ -11,7 +11,7 @@ from segohem.config import load_config
 from segohem.data import build_dataset
 from segohem.refine import BankDrivenDataset, WeightedEpochSampler, class_weights_from_bank, image_weights
 
-from .conftest import tiny_config
+from .conftest import interrupted_after_epoch, tiny_config
 
 
 def stats(score, class_hard, grid=(12, 16)):
@@ -134,23 +134,12 @@ def test_class_weights_follow_each_class_hard_fraction():
 def test_a_resumed_refinement_stage_is_still_driven_by_its_bank(tmp_path, monkeypatch):
     """A refinement stage interrupted and resumed draws, crops and weighs as it did: the bank
     that drives it is loaded again (it used to be dropped, leaving a plain continuation)."""
-    from segohem.engine import loop
-
     run_train(tiny_config(tmp_path, "train.snapshot_epochs=[1]"), resume_from=None)
     stage = ["refine", "--run", str(tmp_path / "tiny"), "--checkpoint", "epoch001.pt", "train.epochs=3",
              "refine.sampler=class", "refine.hard_crop_prob=0.5", "refine.class_weight_power=1.0"]  # fmt: skip
     assert main([*stage, "run.name=straight"]) == 0
-    original = loop.save_checkpoint
-
-    def stop_after_epoch_2(state, path):
-        original(state, path)
-        if path.name == "last.pt" and state["progress"]["epoch"] == 2:
-            raise KeyboardInterrupt("stopped after epoch 2")
-
-    monkeypatch.setattr(loop, "save_checkpoint", stop_after_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after_epoch(monkeypatch, 2):
         main([*stage, "run.name=stopped"])
-    monkeypatch.undo()
     assert main(["train", "--resume", str(tmp_path / "stopped")]) == 0
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
     resumed = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["model"]
