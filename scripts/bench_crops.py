@@ -5,7 +5,8 @@
 Reads CamVid at full resolution with the full-resolution protocol's crops (256x256, scale
 0.75-1.5). For each of ``--images`` training images, in turn: a uniform crop (the base
 dataset's), a crop centred on a hard cell, and a crop centred on a rare-class pixel, each timed;
-medians in ms per sample. Then the median of ``--steps`` training steps (Unet + EfficientNet-Lite0,
+medians in ms per sample, and a uniform crop with a hard rare-class region pasted in
+(``mining.paste_prob``). Then the median of ``--steps`` training steps (Unet + EfficientNet-Lite0,
 batch 8, forward + backward + AdamW, top-k OHEM) on the same thread count, so that the extra
 loading time of a batch of placed crops reads as a share of a step. Last, the read-only
 network's cost (``mining.candidates``): loading ``--candidates`` crops per image and scoring
@@ -45,25 +46,37 @@ def random_bank(dataset, num_classes: int) -> HardPixelBank:
         hard = rng.random((45, 60)).astype(np.float32)
         bank.samples[dataset.sample_id(index)] = SampleStats(
             height=360, width=480, hard_acc=hard, seen_acc=np.ones_like(hard),
-            **confusion_fields(np.zeros((num_classes, num_classes), np.int64)), seen=1,
+            **confusion_fields(rng.integers(0, 100, (num_classes, num_classes))), seen=1,
         )  # fmt: skip
     bank.epochs[0] = EpochClassStats(np.zeros(num_classes, np.int64), np.arange(1, num_classes + 1) * 1000)
     return bank
 
 
+def one_crop(dataset: DictionaryCropDataset, index: int, kind: str) -> dict:
+    """Image ``index``'s crop of ``kind``: uniform (the base dataset's), hard, rare, or a uniform
+    crop with a region pasted in."""
+    if kind in ("uniform", "pasted"):
+        sample = dataset.base[index]
+        if kind == "pasted":
+            dataset._paste(index, sample)
+        return sample
+    sample = dataset._placed(index, kind, np.random.default_rng(index))
+    assert sample is not None
+    return sample
+
+
 def print_class_shares(dataset: DictionaryCropDataset, base) -> None:
     """Share of each class among the labelled pixels of uniform, hard-cell and rare-class crops."""
     shares = {}
-    for kind in ("uniform", "hard", "rare"):
+    for kind in ("uniform", "hard", "rare", "pasted"):
         counts = np.zeros(base.num_classes)
         for index in range(0, len(base), 3):
-            sample = base[index] if kind == "uniform" else dataset._placed(index, kind, np.random.default_rng(index))
-            assert sample is not None
+            sample = one_crop(dataset, index, kind)
             mask = sample["mask"].numpy().ravel()
             counts += np.bincount(mask[mask < base.num_classes], minlength=base.num_classes)
         shares[kind] = counts / counts.sum()
     names = load_config(ROOT / "configs" / "camvid_full.yaml").data
-    print("class          uniform     hard     rare   (% of labelled crop pixels)")
+    print("class          uniform     hard     rare   pasted   (% of labelled crop pixels)")
     for c, name in enumerate(class_info(names).names):
         print(f"{name:12} " + "  ".join(f"{100 * shares[k][c]:7.2f}" for k in shares))
 
@@ -82,7 +95,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = load_config(ROOT / "configs" / "camvid_full.yaml", [
         f"data.root={args.data_root}", "augment.crop=[256,256]", "augment.scale=[0.75,1.5]", "mining.start_epoch=1",
-        "mining.hard_crop_prob=0.5", "mining.rare_crop_prob=0.5", "model.encoder_weights=null",
+        "mining.hard_crop_prob=0.5", "mining.rare_crop_prob=0.5", "mining.paste_prob=1.0", "model.encoder_weights=null",
     ])  # fmt: skip
     base = build_dataset(cfg.data, cfg.augment, split="train", train=True, seed=0)
     placed = build_train_transform(cfg.augment, ignore_index=base.ignore_index, placement=False)
@@ -93,14 +106,12 @@ def main() -> None:
     if args.classes:
         print_class_shares(dataset, base)
         return
-    times: dict[str, list[float]] = {"uniform": [], "hard": [], "rare": []}
+    times: dict[str, list[float]] = {"uniform": [], "hard": [], "rare": [], "pasted": []}
     for index in range(args.images):
         for kind in times:
-            rng = np.random.default_rng(index)
             started = time.perf_counter()
-            sample = base[index] if kind == "uniform" else dataset._placed(index, kind, rng)
+            one_crop(dataset, index, kind)
             times[kind].append(time.perf_counter() - started)
-            assert sample is not None
     print(f"torch {torch.__version__}, threads {args.threads}, {args.images} CamVid images, 256x256 crops")
     uniform = statistics.median(times["uniform"])
     for kind, values in times.items():
@@ -118,7 +129,7 @@ def main() -> None:
         optimizer.zero_grad()
         step_times.append(time.perf_counter() - started)
     step = statistics.median(step_times[1:])
-    for kind in ("hard", "rare"):
+    for kind in ("hard", "rare", "pasted"):
         extra = 8 * (statistics.median(times[kind]) - uniform)
         print(f"a batch of 8 {kind} crops loads {1000 * extra:+.1f} ms more than uniform ones: "
               f"{100 * extra / step:+.2f}% of a {1000 * step:.0f} ms training step")  # fmt: skip

@@ -86,6 +86,10 @@ FULL_METHODS: dict[str, list[str]] = {
                 "ohem.class_min_kept=0.1", "mining.sampler=class"],
     "combo-d": [*TOPK, "mining.hard_crop_prob=0.5", "mining.start_epoch=2", "ohem.class_min_kept=0.1",
                 "ohem.region_loss=lovasz", "ohem.region_weight=0.5"],
+    # hard rare-class regions pasted into half the crops, alone and on top of combo-c
+    "paste": [*TOPK, "mining.paste_prob=0.5", "mining.start_epoch=2"],
+    "combo-e": [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",
+                "ohem.class_min_kept=0.1", "mining.sampler=class", "mining.paste_prob=0.5"],
 }  # fmt: skip
 PROTOCOLS = {"half": ("camvid.yaml", METHODS), "full": ("camvid_full.yaml", FULL_METHODS)}
 

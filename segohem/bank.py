@@ -173,7 +173,8 @@ class HardPixelBank:
 
         hard_mask (N, H, W) bool; pixel_loss (N, H, W) float; target, pred (N, H, W) int64
         (pred = argmax of the logits); source_yx (N, 2, H, W) float, the original-image row
-        and column of every pixel (any value where the target is ignored); source_hw (N, 2)
+        and column of every pixel (any value where the target is ignored; a negative row marks a
+        pixel the bank does not count, e.g. one pasted in from another image); source_hw (N, 2)
         int, original height and width, on the CPU as the loader gives it (on the GPU, reading
         it would be a host sync).
         """
@@ -211,7 +212,9 @@ class HardPixelBank:
         Fixed shapes and scatter-adds only: nothing here waits for the device.
         """
         num_images, num_classes, device = hard_mask.shape[0], self.num_classes, target.device
-        valid_mask = (target >= 0) & (target < num_classes)
+        tracked = source_yx[:, 0] >= 0  # pixels of this image (not pasted from another)
+        valid_mask = (target >= 0) & (target < num_classes) & tracked
+        hard_mask = hard_mask & tracked
         safe_target, safe_pred = target.clamp(0, num_classes - 1), pred.clamp(0, num_classes - 1)
         triple = torch.arange(num_images, device=device).view(-1, 1, 1) * num_classes + safe_target
         triple = triple * num_classes + safe_pred  # (N, H, W) index of (image, true, pred)

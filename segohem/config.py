@@ -271,6 +271,12 @@ class MiningConfig:
     rare_power: float = setting(
         1.0, "rare crops: a class present is drawn in proportion to its pixel frequency ** -this", ge=0.0, le=8.0
     )
+    paste_prob: float = setting(
+        0.0, "probability a training crop gets a hard rare-class region pasted in from another image, labels "
+        "with it (ClassMix-style; class by frequency ** -rare_power x its hard share, source image by its hard "
+        "pixels of it)",
+        ge=0.0, le=1.0,
+    )  # fmt: skip
     candidates: int = setting(
         1, "the paper's read-only network: each training image offers this many crops, scored by a no-grad forward; "
         "the hardest is trained on (1: off)", ge=1,
@@ -280,6 +286,11 @@ class MiningConfig:
         "none", "none | image | class: draw training images by their hardness in the dictionary (see refine.sampler)"
     )
     sampler_floor: float = setting(0.3, "no image is drawn less than this fraction of the mean rate", ge=0.0, le=1.0)
+
+    @property
+    def places_crops(self) -> bool:
+        """Whether training crops are made by `segohem.mining.DictionaryCropDataset`."""
+        return self.hard_crop_prob > 0 or self.rare_crop_prob > 0 or self.paste_prob > 0 or self.candidates > 1
 
 
 @dataclass
@@ -587,18 +598,19 @@ def validate(config: Config) -> None:
 def _validate_mining(config: Config) -> None:
     """Dictionary crops need crops, a dictionary and probabilities that add up to at most 1."""
     mining = config.mining
-    steering = mining.hard_crop_prob > 0 or mining.rare_crop_prob > 0 or mining.candidates > 1
     if mining.hard_crop_prob + mining.rare_crop_prob > 1.0:
         raise ConfigError(
             f"mining.hard_crop_prob + mining.rare_crop_prob = {mining.hard_crop_prob + mining.rare_crop_prob:g} "
             f"is above 1; they are shares of the training crops"
         )
-    if steering and not config.augment.crop:
+    if mining.places_crops and not config.augment.crop:
         raise ConfigError(
-            "mining.hard_crop_prob / rare_crop_prob / candidates choose training crops: set augment.crop=[H, W] as well"
+            "mining.hard_crop_prob / rare_crop_prob / paste_prob / candidates choose training crops: set "
+            "augment.crop=[H, W] as well"
         )
     driven = [f"mining.{key}" for key, on in (("hard_crop_prob", mining.hard_crop_prob > 0),
-              ("rare_crop_prob", mining.rare_crop_prob > 0), ("sampler", mining.sampler != "none")) if on]  # fmt: skip
+              ("rare_crop_prob", mining.rare_crop_prob > 0), ("paste_prob", mining.paste_prob > 0),
+              ("sampler", mining.sampler != "none")) if on]  # fmt: skip
     if driven and not config.bank.enabled:
         raise ConfigError(f"{', '.join(driven)} is driven by the hard-pixel dictionary: set bank.enabled=true")
     if mining.candidates > 1 and config.ohem.scope != "image":

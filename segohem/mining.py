@@ -7,7 +7,15 @@ on, each training crop is, with probability ``mining.hard_crop_prob``, centred o
 in proportion to hardness ** ``crop_sharpness``; with probability ``mining.rare_crop_prob``, on a
 pixel of a class present in the image, the class drawn in proportion to its pixel frequency **
 -``rare_power`` (DAFormer-style rare-class sampling, inside the image); otherwise the crop is the
-usual uniform random crop. ``mining.sampler`` draws the images themselves by their hardness.
+usual uniform random crop. With probability ``mining.paste_prob`` a crop then gets a hard
+rare-class region pasted in from another training image, labels with it (ClassMix / DACS-style
+copy-paste, driven by the dictionary): the class is drawn in proportion to frequency **
+-``rare_power`` x the share of its pixels that were hard in the dictionary's latest epoch, the
+source image in proportion to its hard
+pixels of that class, and the source window is centred on a pixel of the class in a cell drawn
+by its hardness; every pixel of the class in that window replaces the crop's. Pasted pixels train
+but are not counted by the dictionary (their ``source_yx`` row is -1): they belong to another
+image. ``mining.sampler`` draws the images themselves by their hardness.
 
 Both read a snapshot of the dictionary taken at the start of each epoch (`observe`): the
 dictionary after the previous epoch, identical on every rank (it is merged after each epoch)
@@ -33,8 +41,9 @@ from segohem.data.samplers import EpochShuffleSampler
 from segohem.refine import WeightedEpochSampler, image_weights
 
 CROP_KINDS = ("uniform", "hard", "rare")
-CANDIDATE_KEYS = ("image", "mask", "source_yx", "crop_kind")
+CANDIDATE_KEYS = ("image", "mask", "source_yx", "crop_kind", "pasted")
 _CANDIDATE_STRIDE = 1000  # candidate j of a key is drawn as repeat j * 1000 of its image: its own seed
+_PASTE_REPEAT = 1 << 30  # a pasted window's augmentation is seeded as a repeat from here on
 
 
 def rare_pixel_centre(
@@ -72,6 +81,10 @@ class DictionaryCropDataset(Dataset[dict[str, Any]]):
         self.epoch = 0
         self.hardness: dict[str, np.ndarray] = {}
         self.frequency: np.ndarray | None = None
+        self.paste_images = np.zeros(0, np.int64)  # dataset indices of the images the dictionary knows
+        self.paste_counts = np.zeros((0, 0))  # (images, C) their hard pixels by true class
+        self.class_hardness = np.zeros(0)  # (C,) share of each class's pixels that were hard, latest epoch
+        self._index_of: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return len(self.base)
@@ -95,6 +108,18 @@ class DictionaryCropDataset(Dataset[dict[str, Any]]):
         self.cell_size = bank.cell_size  # the maps' own cells (a loaded bank keeps the size it was made with)
         valid = sum((stats.valid for stats in bank.epochs.values()), np.zeros(bank.num_classes, np.int64))
         self.frequency = valid / valid.sum() if valid.sum() > 0 else None
+        if self.cfg.paste_prob > 0:  # paste sources: the images the dictionary knows, their hard pixels by class
+            if self._index_of is None:
+                self._index_of = {self.base.sample_id(i): i for i in range(len(self.base))}
+            known = [(index, bank.samples[key]) for key, index in self._index_of.items() if key in bank.samples]
+            self.paste_images = np.array([index for index, _ in known], np.int64)
+            latest = bank.epochs[max(bank.epochs)] if bank.epochs else None
+            self.class_hardness = latest.hard / np.maximum(latest.valid, 1) if latest else np.zeros(bank.num_classes)
+            self.paste_counts = (
+                np.stack([stats.hard_positives() for _, stats in known]).astype(np.float64)
+                if known
+                else np.zeros((0, bank.num_classes))
+            )
 
     def crop_kind(self, key: int) -> tuple[str, np.random.Generator]:
         """The kind of crop sampler key ``key`` gets this epoch, and the generator that places it."""
@@ -128,7 +153,57 @@ class DictionaryCropDataset(Dataset[dict[str, Any]]):
             sample = self.base[key]
             kind = "uniform"
         sample["crop_kind"] = CROP_KINDS.index(kind)
+        sample["pasted"] = self._paste(key, sample) if self.cfg.paste_prob > 0 and self.active else 0
         return sample
+
+    def paste_source(self, key: int) -> tuple[int, int, np.random.Generator] | None:
+        """What sampler key ``key`` gets pasted in this epoch: (class, source image index, the
+        generator that places the source window), or None (no paste drawn, or nothing known)."""
+        index, repeat = self.base.split_key(key)
+        again = f"/{repeat}" if repeat else ""
+        rng = np.random.default_rng(zlib.crc32(f"{self.base.seed}/paste/{self.epoch}/{index}{again}".encode()))
+        if rng.random() >= self.cfg.paste_prob or self.frequency is None or not len(self.paste_images):
+            return None
+        known = self.paste_counts.sum(0) > 0  # classes with an image to take hard pixels of from
+        weights = np.where(known, np.maximum(self.frequency, 1e-6) ** -self.cfg.rare_power * self.class_hardness, 0.0)
+        if not weights.sum() > 0:
+            return None
+        chosen = int(rng.choice(len(weights), p=weights / weights.sum()))
+        column = self.paste_counts[:, chosen]
+        source = int(self.paste_images[rng.choice(len(column), p=column / column.sum())])
+        return chosen, source, rng
+
+    def _paste(self, key: int, sample: dict[str, Any]) -> int:
+        """Paste into ``sample`` (in place) the pixels of a hard rare class from another image's
+        window (see the module docstring); returns the number of pixels pasted."""
+        drawn = self.paste_source(key)
+        if drawn is None:
+            return 0
+        chosen, index, rng = drawn
+        base, (low, high) = self.base, self.scale
+        image, mask, source_yx, original_hw = base.load(index, scale=float(rng.uniform(low, high)))
+        rows, cols = np.nonzero(mask == chosen)
+        if not len(rows):
+            return 0
+        # a pixel of the class, weighted by its cell's hardness (the dictionary's hardest pixels of it)
+        hardness = np.nan_to_num(self.hardness.get(base.sample_id(index), np.zeros((1, 1), np.float32)), nan=0.0)
+        original = source_yx[rows, cols]  # (K, 2) original row / col of each pixel of the class
+        cell_rows = np.minimum((original[:, 0] // self.cell_size).astype(int), hardness.shape[0] - 1)
+        cell_cols = np.minimum((original[:, 1] // self.cell_size).astype(int), hardness.shape[1] - 1)
+        weights = hardness[cell_rows, cell_cols].astype(np.float64) + 1e-3  # every pixel of it stays possible
+        pick = int(rng.choice(len(rows), p=weights / weights.sum()))
+        window = cut_window((image, mask, source_yx), (float(rows[pick]), float(cols[pick])), self.crop,
+                            ignore_index=base.ignore_index)  # fmt: skip
+        # the source's own augmentation draw: a repeat far beyond any sampler's, so no crop shares it
+        source = base.finish(index, *window, original_hw, transform=self.placed_transform,
+                             repeat=_PASTE_REPEAT + int(rng.integers(1 << 20)))  # fmt: skip
+        region = source["mask"] == chosen
+        if source["image"].shape != sample["image"].shape:  # a crop padded differently: nothing aligned to paste
+            return 0
+        sample["image"][:, region] = source["image"][:, region]
+        sample["mask"][region] = chosen
+        sample["source_yx"][:, region] = -1.0
+        return int(region.sum())
 
     def _placed(self, key: int, kind: str, rng: np.random.Generator) -> dict[str, Any] | None:
         base = self.base
@@ -237,5 +312,6 @@ def choose_candidates(
     rows = torch.arange(num_images)
     out = {key: value for key, value in batch.items() if not key.startswith("candidate_")}
     for name in CANDIDATE_KEYS:
-        out[name] = batch[f"candidate_{name}"][rows, chosen]
+        if f"candidate_{name}" in batch:
+            out[name] = batch[f"candidate_{name}"][rows, chosen]
     return out, scores

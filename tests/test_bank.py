@@ -232,8 +232,9 @@ def reference_update(bank, *, sample_ids, hard_mask, pixel_loss, target, pred, s
     for i, sample_id in enumerate(sample_ids):
         height, width = (int(v) for v in source_hw[i])
         grid_h, grid_w = math.ceil(height / cell), math.ceil(width / cell)
-        valid = ((target[i] >= 0) & (target[i] < num_classes)).numpy()
-        hard = hard_mask[i].numpy()
+        tracked = source_yx[i, 0].numpy() >= 0  # a negative row: a pixel from another image (NaN: ignored)
+        valid = ((target[i] >= 0) & (target[i] < num_classes)).numpy() & tracked
+        hard = hard_mask[i].numpy() & tracked
         cells = np.floor(np.nan_to_num(source_yx[i].float().numpy()) / cell).astype(np.int64)  # NaN: ignored
         cell_index = np.clip(cells[0], 0, grid_h - 1) * grid_w + np.clip(cells[1], 0, grid_w - 1)
         seen = np.bincount(cell_index[valid], minlength=grid_h * grid_w).reshape(grid_h, grid_w)
@@ -247,7 +248,8 @@ def reference_update(bank, *, sample_ids, hard_mask, pixel_loss, target, pred, s
         np.add.at(confusion, (true_class, pred[i].clamp(0, num_classes - 1).numpy()[hard]), 1)
         stats.add_confusion(confusion)
         num_kept = int(hard.sum())
-        hard_loss_sum = float((pixel_loss.float() * hard_mask).flatten(1).sum(1)[i])
+        counted = hard_mask & (source_yx[:, 0] >= 0)
+        hard_loss_sum = float((pixel_loss.float() * counted).flatten(1).sum(1)[i])
         weight = bank.momentum if stats.seen else 0.0
         stats.ema_kept_fraction = weight * stats.ema_kept_fraction + (1 - weight) * num_kept / max(1, int(valid.sum()))
         stats.ema_hard_loss = weight * stats.ema_hard_loss + (1 - weight) * hard_loss_sum / max(1, num_kept)
@@ -261,16 +263,21 @@ def reference_update(bank, *, sample_ids, hard_mask, pixel_loss, target, pred, s
 
 
 def random_update(gen, *, num_images=3, height=10, width=12, ids="abcde"):
-    """Update arguments with crops, rescales, flips, ignored pixels and out-of-range coordinates."""
+    """Update arguments with crops, rescales, flips, ignored pixels, out-of-range coordinates and
+    negative rows (pixels pasted from another image, not counted)."""
     picks = torch.randint(0, len(ids), (num_images,), generator=gen).tolist()
     source_hw = torch.tensor([[5 + 7 * p, 39 - 5 * p] for p in picks])  # each image has its own size
     scale = source_hw.float() / torch.tensor([height, width])
     rows, cols = torch.meshgrid(torch.arange(height).float(), torch.arange(width).float(), indexing="ij")
-    source_yx = torch.stack([rows, cols]) * scale[:, :, None, None] + torch.randn(num_images, 2, 1, 1, generator=gen)
+    source_yx = (
+        torch.stack([rows, cols]) * scale[:, :, None, None] + torch.randn(num_images, 2, 1, 1, generator=gen).abs()
+    )
     target = torch.randint(0, 4, (num_images, height, width), generator=gen)
     ignored = torch.rand(num_images, height, width, generator=gen) < 0.2
     target[ignored] = 255
     source_yx[:, 0][ignored] = float("nan")  # any value where the target is ignored
+    pasted = (torch.rand(num_images, height, width, generator=gen) < 0.1) & ~ignored
+    source_yx[:, 0][pasted] = -1.0
     hard = (torch.rand(num_images, height, width, generator=gen) < 0.4) & ~ignored
     return dict(
         sample_ids=[ids[p] for p in picks], hard_mask=hard, pixel_loss=torch.rand(num_images, height, width,
@@ -362,7 +369,7 @@ def test_sparse_confusion_equals_a_dense_reference_at_150_classes():
         arguments["pred"] = classes[arguments["pred"]]
         bank.update(**arguments)
         for i, sample_id in enumerate(arguments["sample_ids"]):
-            hard = arguments["hard_mask"][i]
+            hard = arguments["hard_mask"][i] & (arguments["source_yx"][i, 0] >= 0)  # pasted pixels: not counted
             matrix = dense.setdefault(sample_id, np.zeros((num_classes, num_classes), np.int64))
             np.add.at(matrix, (arguments["target"][i][hard].numpy(), arguments["pred"][i][hard].numpy()), 1)
     assert bank.samples.keys() == dense.keys()

@@ -146,6 +146,81 @@ def test_repeat_keys_give_repeated_images_their_own_crops():
     assert torch.equal(dataset[2]["image"], first["image"])
 
 
+def paste_bank(hard_by_image: dict[int, dict[int, int]], valid: list[int], hard_share=None) -> HardPixelBank:
+    """A bank knowing images 0.. of the synthetic set, with hard pixels {image: {true class: count}};
+    the last epoch's classes ``valid`` pixels, a ``hard_share`` of them hard (default: half)."""
+    bank = HardPixelBank(7, cell_size=8)
+    for index, hard in hard_by_image.items():
+        confusion = np.zeros((7, 7), np.int64)
+        for true_class, count in hard.items():
+            confusion[true_class, 0 if true_class else 1] = count
+        bank.samples[f"synthetic-train-{index:05d}"] = SampleStats(
+            height=96, width=128, hard_acc=np.full((12, 16), 0.5, np.float32), seen_acc=np.ones((12, 16), np.float32),
+            **confusion_fields(confusion), seen=1,
+        )  # fmt: skip
+    share = np.full(7, 0.5) if hard_share is None else np.array(hard_share)
+    bank.epochs[0] = EpochClassStats(hard=np.zeros(7, np.int64), valid=np.array(valid) * 1000)  # an older epoch
+    bank.epochs[1] = EpochClassStats(hard=(np.array(valid) * 100 * share).astype(np.int64), valid=np.array(valid) * 100)
+    return bank
+
+
+def test_paste_brings_a_hard_rare_region_from_another_image_and_the_dictionary_ignores_it():
+    dataset = crop_dataset("mining.paste_prob=1.0", "mining.start_epoch=1")
+    _, target_mask = dataset.base.read(1)
+    _, source_mask = dataset.base.read(0)
+    assert not (target_mask == 5).any() and (source_mask == 5).any()  # image 1 has no class 5; image 0 has
+    # the dictionary knows hard pixels of class 5 in image 0 only, and of class 0 (common) in image 1
+    dataset.observe(paste_bank({0: {5: 12}, 1: {0: 50}}, [1000, 1000, 1000, 1000, 1000, 1, 1000]), 0)
+    pasted = 0
+    for epoch in range(6):
+        dataset.set_epoch(epoch)
+        sample, plain = dataset[1], dataset.base[1]
+        region = sample["source_yx"][0] < 0
+        assert sample["pasted"] == int(region.sum())
+        pasted += sample["pasted"]
+        # outside the pasted region the crop is the image's own; inside, class 5 (from image 0), image replaced
+        assert torch.equal(sample["mask"][~region], plain["mask"][~region])
+        assert torch.equal(sample["image"][:, ~region], plain["image"][:, ~region])
+        assert (sample["mask"][region] == 5).all()
+        assert not torch.equal(sample["image"][:, region], plain["image"][:, region]) or not region.any()
+        # the dictionary counts the crop's own pixels only
+        bank = HardPixelBank(7, cell_size=8)
+        batch = {k: v[None] for k, v in sample.items() if isinstance(v, torch.Tensor)}
+        target = batch["mask"]
+        bank.update(sample_ids=[sample["sample_id"]], hard_mask=torch.ones_like(target, dtype=torch.bool),
+                    pixel_loss=torch.ones(target.shape), target=target, pred=torch.zeros_like(target),
+                    source_yx=batch["source_yx"], source_hw=batch["source_hw"], epoch=0)  # fmt: skip
+        own = int(((plain["mask"] < 7) & ~region).sum())
+        assert bank.epochs[0].valid.sum() == own and bank.epochs[0].valid[5] == 0
+        assert bank.samples[sample["sample_id"]].seen_acc.sum() == own
+    assert pasted > 0
+
+
+def test_paste_draws_the_class_by_rarity_and_hardness_and_the_source_by_its_hard_pixels():
+    def draws(bank, *overrides, keys=3000):
+        dataset = crop_dataset("mining.start_epoch=1", *overrides)
+        dataset.observe(bank, 0)
+        return [dataset.paste_source(key) for key in range(keys)]
+
+    bank = paste_bank({0: {5: 30}, 1: {5: 10}, 2: {0: 40}}, [1000, 1000, 1000, 1000, 1000, 1, 1000])
+    picks = draws(bank, "mining.paste_prob=0.3")
+    assert sum(p is not None for p in picks) / 3000 == pytest.approx(0.3, abs=0.03)
+    assert [p and p[:2] for p in picks[:40]] == [p and p[:2] for p in draws(bank, "mining.paste_prob=0.3", keys=40)]
+    picks = [p[:2] for p in draws(bank, "mining.paste_prob=1.0", "mining.rare_power=0")]
+    classes = Counter(c for c, _ in picks)
+    assert set(classes) == {0, 5}  # only classes the dictionary holds hard pixels of
+    assert classes[5] / 3000 == pytest.approx(0.5, abs=0.03)  # power 0: the known classes alike
+    sources = Counter(source for c, source in picks if c == 5)
+    assert set(sources) == {0, 1} and sources[0] / classes[5] == pytest.approx(0.75, abs=0.04)  # 30 : 10
+    rare = Counter(p[0] for p in draws(bank, "mining.paste_prob=1.0", "mining.rare_power=1"))
+    assert rare[5] / 3000 == pytest.approx(1000 / 1001, abs=0.01)  # frequency 1/6001 against 1000/6001
+    # the class's hard share in the latest epoch weighs in: class 0 is 4x harder than class 5
+    harder = paste_bank({0: {5: 30}, 2: {0: 40}}, [1000] * 7, hard_share=[0.8, 0, 0, 0, 0, 0.2, 0])
+    classes = Counter(p[0] for p in draws(harder, "mining.paste_prob=1.0", "mining.rare_power=1"))
+    assert classes[0] / 3000 == pytest.approx(0.8, abs=0.03)
+    assert all(p is None for p in draws(HardPixelBank(7), "mining.paste_prob=1.0", keys=20))  # nothing known
+
+
 def test_dictionary_sampler_shuffles_then_draws_by_hardness():
     cfg = load_config(None, ["data.image_size=[96, 128]", "mining.sampler=image", "mining.start_epoch=2",
                              "mining.sampler_floor=0.0", "data.num_train=8"])  # fmt: skip
@@ -180,6 +255,10 @@ def test_mining_config_errors_name_the_keys():
         load_config(None, ["mining.candidates=4", "augment.crop=[32,32]", "ohem.scope=batch"])
     with pytest.raises(ConfigError, match=r"mining\.sampler and refine\.sampler"):
         load_config(None, ["mining.sampler=class", "refine.sampler=image"])
+    with pytest.raises(ConfigError, match=r"paste_prob / candidates choose training crops: set augment\.crop"):
+        load_config(None, ["mining.paste_prob=0.5"])
+    with pytest.raises(ConfigError, match=r"mining\.paste_prob is driven by the hard-pixel dictionary"):
+        load_config(None, ["mining.paste_prob=0.5", "augment.crop=[32,32]", "bank.enabled=false"])
     with pytest.raises(ConfigError, match=r"mining\.rare_power: 100\.0 is out of range"):
         load_config(None, ["mining.rare_power=100"])
 
@@ -188,13 +267,14 @@ def test_training_with_online_mining_is_seeded_and_resumes_exactly(tmp_path, mon
     overrides = [
         "augment.crop=[32,32]", "augment.scale=[0.75,1.5]", "mining.hard_crop_prob=0.4", "mining.rare_crop_prob=0.4",
         "mining.sampler=class", "mining.start_epoch=2", "train.epochs=3", "ohem.mode=topk", "ohem.class_min_kept=0.2",
-        "ohem.region_loss=dice", "mining.candidates=2", "wandb.mode=disabled",
+        "ohem.region_loss=dice", "mining.candidates=2", "mining.paste_prob=0.5", "wandb.mode=disabled",
     ]  # fmt: skip
     run_train(tiny_config(tmp_path / "a", *overrides), resume_from=None)
     whole = tmp_path / "a" / "tiny"
     records = [json.loads(line) for line in (whole / "epochs.jsonl").read_text().splitlines()]
     assert records[0]["train/hard_crops"] == records[0]["train/rare_crops"] == 0.0  # epoch 1: uniform
     assert records[1]["train/hard_crops"] + records[1]["train/rare_crops"] > 0
+    assert records[0]["train/pasted_crops"] == 0.0 and records[1]["train/pasted_crops"] > 0
     # interrupted after epoch 2, resumed for the third: the same crops, the same weights
     cfg = tiny_config(tmp_path / "b", *overrides)
     with interrupted_after_epoch(monkeypatch, 2):

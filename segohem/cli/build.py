@@ -48,11 +48,11 @@ def build_loaders(cfg: Config, *, refine_bank: HardPixelBank | None = None) -> L
     refine, mining = cfg.refine, cfg.mining
     if mining.sampler != "none":
         sampler = DictionarySampler(base_set, mining, seed=cfg.run.seed, **shard)
-    if mining.hard_crop_prob > 0 or mining.rare_crop_prob > 0 or mining.candidates > 1:
+    if mining.places_crops:
         if refine_bank is not None and (refine.hard_crop_prob > 0 or refine.pixel_weight > 0):
             raise ConfigError(
-                "mining.hard_crop_prob / rare_crop_prob / candidates (online crops) do not combine with a refinement "
-                "stage's refine.hard_crop_prob / pixel_weight; use one of the two"
+                "mining.hard_crop_prob / rare_crop_prob / paste_prob / candidates (online crops) do not combine with "
+                "a refinement stage's refine.hard_crop_prob / pixel_weight; use one of the two"
             )
         info = class_info(cfg.data)
         train_set = DictionaryCropDataset(

@@ -177,6 +177,7 @@ def train_one_epoch(run: TrainingRun, loader: DataLoader[Any], *, logger: Logger
     window_start, window_images, streak = time.perf_counter(), 0, 0
     group, group_finite = _Group([], [], []), True
     crop_kinds = torch.zeros(len(CROP_KINDS), dtype=torch.int64)  # online mining: crops by kind
+    pasted = 0  # online mining: crops that got a region pasted in
     for batch_index, batch in enumerate(bar):
         if "candidate_image" in batch:  # online mining: keep the hardest of each image's candidate crops
             with autocast_context(run.device, train_cfg.amp):
@@ -184,6 +185,7 @@ def train_one_epoch(run: TrainingRun, loader: DataLoader[Any], *, logger: Logger
                                              device=run.device, divisor=run.config.augment.pad_divisor)  # fmt: skip
         if "crop_kind" in batch:
             crop_kinds += torch.bincount(batch["crop_kind"], minlength=len(CROP_KINDS))
+            pasted += int((batch["pasted"] > 0).sum())
         group_start = batch_index - batch_index % accumulate
         group_size = min(accumulate, num_batches - group_start)
         if batch_index == group_start:  # batch-norm statistics to restore if this step is skipped
@@ -222,6 +224,7 @@ def train_one_epoch(run: TrainingRun, loader: DataLoader[Any], *, logger: Logger
     if crop_kinds.sum() > 0:
         for kind, number in zip(CROP_KINDS[1:], crop_kinds[1:].tolist(), strict=True):
             stats[f"train/{kind}_crops"] = number / int(crop_kinds.sum())
+        stats["train/pasted_crops"] = pasted / int(crop_kinds.sum())
     return stats
 
 
