@@ -25,7 +25,6 @@ resumable. Every image is seen once per epoch, so the snapshot holds each image'
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -37,7 +36,7 @@ from segohem.bank import HardPixelBank
 from segohem.config import MiningConfig
 from segohem.crops import cut_window, hard_cell_centre
 from segohem.data.datasets import SegmentationDataset
-from segohem.data.samplers import EpochShuffleSampler
+from segohem.data.samplers import EpochShuffleSampler, draw_seed
 from segohem.refine import WeightedEpochSampler, image_weights
 
 CROP_KINDS = ("uniform", "hard", "rare")
@@ -124,8 +123,7 @@ class DictionaryCropDataset(Dataset[dict[str, Any]]):
     def crop_kind(self, key: int) -> tuple[str, np.random.Generator]:
         """The kind of crop sampler key ``key`` gets this epoch, and the generator that places it."""
         index, repeat = self.base.split_key(key)
-        again = f"/{repeat}" if repeat else ""
-        rng = np.random.default_rng(zlib.crc32(f"{self.base.seed}/mining/{self.epoch}/{index}{again}".encode()))
+        rng = np.random.default_rng(draw_seed(self.base.seed, "mining", self.epoch, index, repeat=repeat))
         if not self.active:
             return "uniform", rng
         draw = rng.random()
@@ -160,8 +158,7 @@ class DictionaryCropDataset(Dataset[dict[str, Any]]):
         """What sampler key ``key`` gets pasted in this epoch: (class, source image index, the
         generator that places the source window), or None (no paste drawn, or nothing known)."""
         index, repeat = self.base.split_key(key)
-        again = f"/{repeat}" if repeat else ""
-        rng = np.random.default_rng(zlib.crc32(f"{self.base.seed}/paste/{self.epoch}/{index}{again}".encode()))
+        rng = np.random.default_rng(draw_seed(self.base.seed, "paste", self.epoch, index, repeat=repeat))
         if rng.random() >= self.cfg.paste_prob or self.frequency is None or not len(self.paste_images):
             return None
         known = self.paste_counts.sum(0) > 0  # classes with an image to take hard pixels of from

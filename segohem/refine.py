@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, Sampler
 from segohem.bank import HardPixelBank
 from segohem.crops import cut_window, hard_cell_centre
 from segohem.data.datasets import SegmentationDataset
-from segohem.data.samplers import repeat_keys, shard_by_batch
+from segohem.data.samplers import draw_seed, repeat_keys, shard_by_batch
 
 SAMPLER_SCORES = ("none", "image", "class")
 
@@ -133,8 +133,7 @@ class BankDrivenDataset(Dataset[dict[str, Any]]):
     def __getitem__(self, key: int) -> dict[str, Any]:
         base = self.base
         index, repeat = base.split_key(key)
-        draw = f"/{repeat}" if repeat else ""
-        rng = np.random.default_rng(zlib.crc32(f"{base.seed}/refine/{base.epoch}/{index}{draw}".encode()))
+        rng = np.random.default_rng(draw_seed(base.seed, "refine", base.epoch, index, repeat=repeat))
         hardness = self._hardness(base.sample_id(index))
         if hardness is not None and hardness.max() > 0 and rng.random() < self.hard_crop_prob:
             sample = base.finish(index, *self._hard_crop(index, hardness, rng), repeat=repeat)

@@ -2,6 +2,7 @@
 image sampler, repeat keys, and a training run that uses them (deterministic, resumable)."""
 
 import json
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -12,7 +13,7 @@ from segohem.bank import EpochClassStats, HardPixelBank, SampleStats, confusion_
 from segohem.cli import run_train
 from segohem.config import ConfigError, load_config
 from segohem.data import build_dataset
-from segohem.data.samplers import repeat_keys
+from segohem.data.samplers import draw_seed, repeat_keys
 from segohem.data.transforms import build_train_transform
 from segohem.mining import (
     DictionaryCropDataset,
@@ -139,6 +140,9 @@ def test_rare_crops_contain_the_rare_class():
 
 def test_repeat_keys_give_repeated_images_their_own_crops():
     assert repeat_keys([3, 1, 3, 3, 0], 5) == [3, 1, 8, 13, 0]
+    # a first draw keeps the seed it had before repeats existed (earlier runs reproduce); a repeat has its own
+    assert draw_seed(0, "mining", 3, 5) == zlib.crc32(b"0/mining/3/5")
+    assert draw_seed(0, "mining", 3, 5, repeat=2) == zlib.crc32(b"0/mining/3/5/2")
     dataset = crop_dataset(scale=(0.75, 1.5))
     first, again = dataset[2], dataset[2 + len(dataset)]
     assert first["sample_id"] == again["sample_id"] and first["index"] == again["index"] == 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from torch.utils.data import Dataset
 from segohem.data.errors import DatasetError
 from segohem.data.io import IMAGE_SUFFIXES, display_path, read_image, read_mask
 from segohem.data.pairing import SamplePair, folder_pairs
+from segohem.data.samplers import draw_seed
 from segohem.data.synthetic import SPLIT_KEYS, render_scene
 
 __all__ = [
@@ -109,8 +109,7 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
         transform = transform or self.transform
         if transform is not None:
             if hasattr(transform, "set_random_seed"):
-                draw = f"/{repeat}" if repeat else ""
-                transform.set_random_seed(zlib.crc32(f"{self.seed}/{self.epoch}/{index}{draw}".encode()))
+                transform.set_random_seed(draw_seed(self.seed, self.epoch, index, repeat=repeat))
             out = transform(image=image, mask=mask, source_yx=source_yx)
             image, mask, source_yx = out["image"], out["mask"], out["source_yx"]
         return {

@@ -14,6 +14,13 @@ import torch
 from torch.utils.data import Sampler
 
 
+def draw_seed(*parts: object, repeat: int = 0) -> int:
+    """The 32-bit seed of one seeded draw, from its parts (run seed, purpose, epoch, image index)
+    joined by "/"; repeat n > 0 of an image in an epoch (see `repeat_keys`) appends "/n", so its
+    draw differs while a first draw keeps the seed it had before repeats existed."""
+    return zlib.crc32(("/".join(str(part) for part in parts) + (f"/{repeat}" if repeat else "")).encode())
+
+
 def shard_by_batch(order: list[int], *, rank: int, world_size: int, batch_size: int) -> list[int]:
     """Rank ``rank``'s share of ``order``: its block of every full global batch, in order.
 
