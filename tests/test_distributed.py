@@ -81,6 +81,7 @@ def ignored(num_val):
 MINING = [
     "augment.crop=[48,48]", "augment.scale=[0.75,1.25]", "mining.hard_crop_prob=0.4", "mining.rare_crop_prob=0.4",
     "mining.sampler=class", "mining.start_epoch=2", "ohem.mode=topk", "ohem.class_min_kept=0.1",
+    "mining.paste_prob=0.3",
 ]  # fmt: skip
 
 
