@@ -10,12 +10,12 @@ pixel of a class present in the image, the class drawn in proportion to its pixe
 usual uniform random crop. With probability ``mining.paste_prob`` a crop then gets a hard
 rare-class region pasted in from another training image, labels with it (ClassMix / DACS-style
 copy-paste, driven by the dictionary): the class is drawn in proportion to frequency **
--``rare_power`` x the share of its pixels that were hard in the dictionary's latest epoch, the
-source image in proportion to its hard
-pixels of that class, and the source window is centred on a pixel of the class in a cell drawn
-by its hardness; every pixel of the class in that window replaces the crop's. Pasted pixels train
-but are not counted by the dictionary (their ``source_yx`` row is -1): they belong to another
-image. ``mining.sampler`` draws the images themselves by their hardness.
+-``rare_power`` x the share of its pixels that were hard in the dictionary's latest epoch,
+another image as the source in proportion to its hard pixels of that class (over all epochs:
+the dictionary's confusion counts accumulate), and the source window is centred on a pixel
+of the class in a cell drawn by its hardness; every pixel of the class in that window replaces
+the crop's. Pasted pixels train but are not counted by the dictionary (their ``source_yx`` row
+is -1): they belong to another image. ``mining.sampler`` draws the images themselves by their hardness.
 
 Both read a snapshot of the dictionary taken at the start of each epoch (`observe`): the
 dictionary after the previous epoch, identical on every rank (it is merged after each epoch)
@@ -81,7 +81,9 @@ class DictionaryCropDataset(Dataset[dict[str, Any]]):
         self.hardness: dict[str, np.ndarray] = {}
         self.frequency: np.ndarray | None = None
         self.paste_images = np.zeros(0, np.int64)  # dataset indices of the images the dictionary knows
-        self.paste_counts = np.zeros((0, 0))  # (images, C) their hard pixels by true class
+        self.paste_counts = np.zeros((0, 0))  # (images, C) their hard pixels by true class, all epochs
+        self.paste_totals = np.zeros(0)  # (C,) the column sums of paste_counts
+        self._paste_row: dict[int, int] = {}  # dataset index -> its row in paste_counts
         self.class_hardness = np.zeros(0)  # (C,) share of each class's pixels that were hard, latest epoch
         self._index_of: dict[str, int] | None = None
 
@@ -112,13 +114,18 @@ class DictionaryCropDataset(Dataset[dict[str, Any]]):
                 self._index_of = {self.base.sample_id(i): i for i in range(len(self.base))}
             known = [(index, bank.samples[key]) for key, index in self._index_of.items() if key in bank.samples]
             self.paste_images = np.array([index for index, _ in known], np.int64)
+            self._paste_row = {index: row for row, (index, _) in enumerate(known)}
             latest = bank.epochs[max(bank.epochs)] if bank.epochs else None
             self.class_hardness = latest.hard / np.maximum(latest.valid, 1) if latest else np.zeros(bank.num_classes)
+            classes = np.arange(bank.num_classes)  # a dictionary of another label set: only this dataset's classes
+            self.class_hardness = self.class_hardness * ((classes < self.base.num_classes)
+                                                         & (classes != self.base.ignore_index))  # fmt: skip
             self.paste_counts = (
                 np.stack([stats.hard_positives() for _, stats in known]).astype(np.float64)
                 if known
                 else np.zeros((0, bank.num_classes))
             )
+            self.paste_totals = self.paste_counts.sum(0)
 
     def crop_kind(self, key: int) -> tuple[str, np.random.Generator]:
         """The kind of crop sampler key ``key`` gets this epoch, and the generator that places it."""
@@ -161,12 +168,16 @@ class DictionaryCropDataset(Dataset[dict[str, Any]]):
         rng = np.random.default_rng(draw_seed(self.base.seed, "paste", self.epoch, index, repeat=repeat))
         if rng.random() >= self.cfg.paste_prob or self.frequency is None or not len(self.paste_images):
             return None
-        known = self.paste_counts.sum(0) > 0  # classes with an image to take hard pixels of from
+        own = self._paste_row.get(index)  # never paste an image into itself
+        others = self.paste_totals - (self.paste_counts[own] if own is not None else 0.0)
+        known = others > 0  # classes with another image to take hard pixels of from
         weights = np.where(known, np.maximum(self.frequency, 1e-6) ** -self.cfg.rare_power * self.class_hardness, 0.0)
         if not weights.sum() > 0:
             return None
         chosen = int(rng.choice(len(weights), p=weights / weights.sum()))
-        column = self.paste_counts[:, chosen]
+        column = self.paste_counts[:, chosen].copy()
+        if own is not None:
+            column[own] = 0.0
         source = int(self.paste_images[rng.choice(len(column), p=column / column.sum())])
         return chosen, source, rng
 

@@ -269,9 +269,9 @@ def random_update(gen, *, num_images=3, height=10, width=12, ids="abcde"):
     source_hw = torch.tensor([[5 + 7 * p, 39 - 5 * p] for p in picks])  # each image has its own size
     scale = source_hw.float() / torch.tensor([height, width])
     rows, cols = torch.meshgrid(torch.arange(height).float(), torch.arange(width).float(), indexing="ij")
-    source_yx = (
-        torch.stack([rows, cols]) * scale[:, :, None, None] + torch.randn(num_images, 2, 1, 1, generator=gen).abs()
-    )
+    noise = torch.randn(num_images, 2, 1, 1, generator=gen)
+    noise[:, 0] = noise[:, 0].abs()  # columns may fall below 0 (clamped); a negative row means "pasted"
+    source_yx = torch.stack([rows, cols]) * scale[:, :, None, None] + noise
     target = torch.randint(0, 4, (num_images, height, width), generator=gen)
     ignored = torch.rand(num_images, height, width, generator=gen) < 0.2
     target[ignored] = 255

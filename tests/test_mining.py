@@ -12,6 +12,7 @@ import torch
 from segohem.bank import EpochClassStats, HardPixelBank, SampleStats, confusion_fields
 from segohem.cli import run_train
 from segohem.config import ConfigError, load_config
+from segohem.crops import cut_window
 from segohem.data import build_dataset
 from segohem.data.samplers import draw_seed, repeat_keys
 from segohem.data.transforms import build_train_transform
@@ -223,6 +224,50 @@ def test_paste_draws_the_class_by_rarity_and_hardness_and_the_source_by_its_hard
     classes = Counter(p[0] for p in draws(harder, "mining.paste_prob=1.0", "mining.rare_power=1"))
     assert classes[0] / 3000 == pytest.approx(0.8, abs=0.03)
     assert all(p is None for p in draws(HardPixelBank(7), "mining.paste_prob=1.0", keys=20))  # nothing known
+    # never into itself: image 0 holds the only hard class-5 pixels, image 1 the only class-0 ones
+    dataset = crop_dataset("mining.start_epoch=1", "mining.paste_prob=1.0")
+    dataset.observe(paste_bank({0: {5: 30}, 1: {0: 40}}, [1000, 1000, 1000, 1000, 1000, 1, 1000]), 0)
+    repeats = [r * len(dataset) for r in range(60)]  # image 0 or 1 drawn again: each draw its own seed
+    assert {dataset.paste_source(0 + r)[:2] for r in repeats} == {(0, 1)}  # its own class 5: not a choice
+    assert {dataset.paste_source(1 + r)[:2] for r in repeats} == {(5, 0)}
+    dataset.observe(paste_bank({0: {5: 30}, 1: {0: 40}, 2: {5: 30}}, [1000, 1000, 1000, 1000, 1000, 1, 1000]), 0)
+    assert {dataset.paste_source(0 + r)[:2] for r in repeats} == {(5, 2)}  # class 5, from the other image
+    assert {dataset.paste_source(1 + r)[:2] for r in repeats} == {(5, 0), (5, 2)}
+    # a dictionary of another label set (9 classes, an image of another dataset): only this dataset's
+    # classes (class 8 is as hard and as rare as class 5) and images are pasted
+    other = HardPixelBank(9, cell_size=8)
+    confusion = np.zeros((9, 9), np.int64)
+    confusion[5, 0], confusion[8, 0] = 30, 3000
+    for key in ("synthetic-train-00000", "another-set-00001"):
+        other.samples[key] = SampleStats(
+            height=96, width=128, hard_acc=np.ones((12, 16), np.float32), seen_acc=np.ones((12, 16), np.float32),
+            **confusion_fields(confusion), seen=1,
+        )  # fmt: skip
+    other.epochs[0] = EpochClassStats(hard=np.full(9, 50), valid=np.full(9, 100))
+    dataset.observe(other, 0)
+    assert {dataset.paste_source(1 + r)[:2] for r in repeats} == {(5, 0)}
+
+
+def test_paste_centres_the_source_window_on_the_hard_pixels_of_the_class(monkeypatch):
+    """Image 2 holds class 5 in two places (around columns 33-40 and 120-122); the dictionary
+    finds only the right-hand cells hard, so the source window is centred there."""
+    dataset = crop_dataset("mining.paste_prob=1.0", "mining.start_epoch=1")
+    bank = paste_bank({2: {5: 25}}, [1000, 1000, 1000, 1000, 1000, 1, 1000])
+    hard = np.zeros((12, 16), np.float32)
+    hard[:, 15] = 1.0  # original columns 120-127
+    bank.samples["synthetic-train-00002"].hard_acc = hard
+    dataset.observe(bank, 0)
+    centres = []
+
+    def recording_cut_window(arrays, centre_yx, size_hw, *, ignore_index):
+        centres.append(centre_yx)
+        return cut_window(arrays, centre_yx, size_hw, ignore_index=ignore_index)
+
+    monkeypatch.setattr("segohem.mining.cut_window", recording_cut_window)
+    for epoch in range(10):
+        dataset.set_epoch(epoch)
+        assert dataset[1]["pasted"] > 0
+    assert len(centres) == 10 and all(col >= 112 for _, col in centres)
 
 
 def test_dictionary_sampler_shuffles_then_draws_by_hardness():
