@@ -116,10 +116,9 @@ class DictionaryCropDataset(Dataset[dict[str, Any]]):
             self.paste_images = np.array([index for index, _ in known], np.int64)
             self._paste_row = {index: row for row, (index, _) in enumerate(known)}
             latest = bank.epochs[max(bank.epochs)] if bank.epochs else None
-            self.class_hardness = latest.hard / np.maximum(latest.valid, 1) if latest else np.zeros(bank.num_classes)
             classes = np.arange(bank.num_classes)  # a dictionary of another label set: only this dataset's classes
-            self.class_hardness = self.class_hardness * ((classes < self.base.num_classes)
-                                                         & (classes != self.base.ignore_index))  # fmt: skip
+            ours = (classes < self.base.num_classes) & (classes != self.base.ignore_index)
+            self.class_hardness = latest.hard / np.maximum(latest.valid, 1) * ours if latest else np.zeros(len(ours))
             self.paste_counts = (
                 np.stack([stats.hard_positives() for _, stats in known]).astype(np.float64)
                 if known
