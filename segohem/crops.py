@@ -31,8 +31,8 @@ def hard_cell_centre(
 ) -> tuple[float, float] | None:
     """A point in original-image pixels: a cell drawn in proportion to hardness ** sharpness, a
     uniform point inside it. None when no cell is hard (nothing to steer by)."""
-    weights = np.nan_to_num(hardness, nan=0.0).ravel().astype(np.float64) ** sharpness
-    weights[np.nan_to_num(hardness, nan=0.0).ravel() <= 0] = 0.0  # 0 ** 0 is 1: never steer to an easy cell
+    known = np.nan_to_num(hardness, nan=0.0).ravel().astype(np.float64)
+    weights = np.where(known > 0, known**sharpness, 0.0)  # 0 ** 0 is 1: never steer to an easy cell
     total = weights.sum()
     if not total > 0:
         return None
