@@ -30,6 +30,11 @@ class SampleStats:
     confusion_counts (K,) int64 their hard pixels. `dense_confusion` builds the matrix; its row
     sums are `hard_positives` (pixels of c the model struggles with), its column sums minus the
     diagonal `hard_negatives` (pixels wrongly called c).
+
+    Multi-label classes (``multilabel``): a pixel holds a yes / no decision per class, so the
+    confusion is (C, 2, 2) [class, true, predicted] of hard (pixel, class) decisions, flat index
+    (class * 2 + true) * 2 + predicted; `hard_positives` counts hard decisions on pixels of the
+    class, `hard_negatives` the hard ones wrongly called the class (false positives).
     """
 
     height: int
@@ -43,6 +48,7 @@ class SampleStats:
     ema_kept_fraction: float = 0.0
     ema_hard_loss: float = 0.0
     last_epoch: int = -1
+    multilabel: bool = False
 
     @property
     def hardness(self) -> np.ndarray:
@@ -56,10 +62,12 @@ class SampleStats:
         return self.ema_kept_fraction * self.ema_hard_loss
 
     def dense_confusion(self) -> np.ndarray:
-        """(C, C) int64 hard pixels by (true, predicted) class, built from the sparse entries."""
-        dense = np.zeros(self.num_classes**2, np.int64)
+        """(C, C) int64 hard pixels by (true, predicted) class, built from the sparse entries
+        (multi-label: (C, 2, 2) by class, true and predicted presence)."""
+        shape = (self.num_classes, 2, 2) if self.multilabel else (self.num_classes, self.num_classes)
+        dense = np.zeros(int(np.prod(shape)), np.int64)
         dense[self.confusion_pairs] = self.confusion_counts
-        return dense.reshape(self.num_classes, self.num_classes)
+        return dense.reshape(shape)
 
     @property
     def confusion(self) -> np.ndarray:
@@ -68,10 +76,17 @@ class SampleStats:
 
     def hard_positives(self) -> np.ndarray:
         """(C,) int64 hard pixels per true class (the confusion's row sums)."""
+        if self.multilabel:
+            positive = (self.confusion_pairs // 2) % 2 == 1
+            return _class_sums(self.confusion_pairs[positive] // 4, self.confusion_counts[positive], self.num_classes)
         return _class_sums(self.confusion_pairs // self.num_classes, self.confusion_counts, self.num_classes)
 
     def hard_negatives(self) -> np.ndarray:
         """(C,) int64 hard pixels wrongly predicted as each class (column sums without the diagonal)."""
+        if self.multilabel:
+            false_positive = self.confusion_pairs % 4 == 1  # true 0, predicted 1
+            return _class_sums(self.confusion_pairs[false_positive] // 4, self.confusion_counts[false_positive],
+                               self.num_classes)  # fmt: skip
         true_class, pred_class = np.divmod(self.confusion_pairs, self.num_classes)
         wrong = true_class != pred_class
         return _class_sums(pred_class[wrong], self.confusion_counts[wrong], self.num_classes)
@@ -117,8 +132,11 @@ class HardPixelBank:
 
     max_in_flight = 4
 
-    def __init__(self, num_classes: int, cell_size: int = 8, momentum: float = 0.5) -> None:
+    def __init__(
+        self, num_classes: int, cell_size: int = 8, momentum: float = 0.5, *, multilabel: bool = False
+    ) -> None:
         self.num_classes, self.cell_size, self.momentum = num_classes, cell_size, momentum
+        self.multilabel = multilabel  # hard (pixel, class) decisions of multi-label masks, see `SampleStats`
         self._samples: dict[str, SampleStats] = {}
         self._epochs: dict[int, EpochClassStats] = {}
         self._in_flight: deque[_InFlight] = deque()
@@ -151,7 +169,7 @@ class HardPixelBank:
             grid = (math.ceil(height / self.cell_size), math.ceil(width / self.cell_size))
             stats = SampleStats(
                 height=height, width=width, hard_acc=np.zeros(grid, np.float32), seen_acc=np.zeros(grid, np.float32),
-                **_empty_confusion(self.num_classes),
+                multilabel=self.multilabel, **_empty_confusion(self.num_classes),
             )  # fmt: skip
             self._samples[sample_id] = stats
         return stats
@@ -172,14 +190,21 @@ class HardPixelBank:
         """Fold one batch into the bank (on CUDA: start to; see the class docstring).
 
         hard_mask (N, H, W) bool; pixel_loss (N, H, W) float; target, pred (N, H, W) int64
-        (pred = argmax of the logits); source_yx (N, 2, H, W) float, the original-image row
+        (pred = argmax of the logits); a multi-label bank takes hard_mask, pixel_loss, target
+        (0 / 1 / ignore) and pred (bool) of shape (N, C, H, W); source_yx (N, 2, H, W) float, the original-image row
         and column of every pixel (any value where the target is ignored; a negative row marks a
         pixel the bank does not count, e.g. one pasted in from another image); source_hw (N, 2)
         int, original height and width, on the CPU as the loader gives it (on the GPU, reading
         it would be a host sync).
         """
         sizes = [(int(h), int(w)) for h, w in source_hw.tolist()]
-        counts = self._device_counts(hard_mask=hard_mask, pixel_loss=pixel_loss, target=target, pred=pred,
+        if (hard_mask.ndim == 4) != self.multilabel:
+            raise ValueError(
+                f"a {'multi-label' if self.multilabel else 'single-label'} bank takes hard masks of "
+                f"{'(N, C, H, W)' if self.multilabel else '(N, H, W)'}, got {tuple(hard_mask.shape)}"
+            )
+        count = self._multilabel_counts if self.multilabel else self._device_counts
+        counts = count(hard_mask=hard_mask, pixel_loss=pixel_loss, target=target, pred=pred,
                                      source_yx=source_yx, sizes=sizes)  # fmt: skip
         counts, ready = _send_to_host(counts)
         self._in_flight.append(_InFlight(counts, ready, list(sample_ids), sizes, epoch))
@@ -218,22 +243,52 @@ class HardPixelBank:
         safe_target, safe_pred = target.clamp(0, num_classes - 1), pred.clamp(0, num_classes - 1)
         triple = torch.arange(num_images, device=device).view(-1, 1, 1) * num_classes + safe_target
         triple = triple * num_classes + safe_pred  # (N, H, W) index of (image, true, pred)
+        parts = [
+            _count(triple, hard_mask, num_images * num_classes**2), _count(safe_target, valid_mask, num_classes),
+            hard_mask.flatten(1).sum(1), valid_mask.flatten(1).sum(1),
+            *self._cell_counts(hard_mask & valid_mask, valid_mask, source_yx=source_yx, sizes=sizes),
+            (pixel_loss.float() * hard_mask).flatten(1).sum(1),
+        ]  # fmt: skip
+        return torch.cat([part.double() for part in parts])
+
+    def _multilabel_counts(
+        self, *, hard_mask: Tensor, pixel_loss: Tensor, target: Tensor, pred: Tensor, source_yx: Tensor,
+        sizes: list[tuple[int, int]],
+    ) -> Tensor:  # fmt: skip
+        """`_device_counts` of a multi-label bank, from (N, C, H, W) decisions: per-image (C, 2, 2)
+        confusions of hard decisions, positive pixels per class, kept and valid decisions per image;
+        a cell counts a pixel as hard when any of its classes is, as observed when any is scored."""
+        num_images, num_classes, device = hard_mask.shape[0], self.num_classes, target.device
+        tracked = (source_yx[:, 0] >= 0)[:, None]
+        valid_mask = ((target == 0) | (target == 1)) & tracked
+        hard_mask = hard_mask & valid_mask
+        images = torch.arange(num_images, device=device).view(-1, 1, 1, 1)
+        classes = torch.arange(num_classes, device=device).view(1, -1, 1, 1)
+        index = ((images * num_classes + classes) * 2 + target.clamp(0, 1)) * 2 + pred.long()
+        positive = valid_mask & (target == 1)
+        parts = [
+            _count(index, hard_mask, num_images * num_classes * 4), positive.transpose(0, 1).flatten(1).sum(1),
+            hard_mask.flatten(1).sum(1), valid_mask.flatten(1).sum(1),
+            *self._cell_counts(hard_mask.any(1), valid_mask.any(1), source_yx=source_yx, sizes=sizes),
+            (pixel_loss.float() * hard_mask).flatten(1).sum(1),
+        ]  # fmt: skip
+        return torch.cat([part.double() for part in parts])
+
+    def _cell_counts(self, hard: Tensor, seen: Tensor, *, source_yx: Tensor,
+                     sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """Hard and observed pixels (``hard``, ``seen``: (N, H, W) bool) per original-image cell of
+        every image, the images' grids concatenated."""
         grids = [(math.ceil(h / self.cell_size), math.ceil(w / self.cell_size)) for h, w in sizes]
         offsets = np.cumsum([0] + [gh * gw for gh, gw in grids])
-        geometry = _to_device([[gh, gw, offset] for (gh, gw), offset in zip(grids, offsets, strict=False)], device)
+        geometry = _to_device([[gh, gw, offset] for (gh, gw), offset in zip(grids, offsets, strict=False)],
+                              source_yx.device)  # fmt: skip
         grid_h, grid_w, first_cell = (column.view(-1, 1, 1) for column in geometry.unbind(1))
         cells = (source_yx.float() / self.cell_size).floor().long()  # (N, 2, H, W)
         row = torch.minimum(cells[:, 0].clamp(min=0), grid_h - 1)
         col = torch.minimum(cells[:, 1].clamp(min=0), grid_w - 1)
         cell_index = first_cell + row * grid_w + col  # (N, H, W) into the concatenated grids
         num_cells = int(offsets[-1])
-        parts = [
-            _count(triple, hard_mask, num_images * num_classes**2), _count(safe_target, valid_mask, num_classes),
-            hard_mask.flatten(1).sum(1), valid_mask.flatten(1).sum(1),
-            _count(cell_index, hard_mask & valid_mask, num_cells), _count(cell_index, valid_mask, num_cells),
-            (pixel_loss.float() * hard_mask).flatten(1).sum(1),
-        ]  # fmt: skip
-        return torch.cat([part.double() for part in parts])
+        return _count(cell_index, hard, num_cells), _count(cell_index, seen, num_cells)
 
     def _fold(self, update: _InFlight, *, wait: bool) -> None:
         """Apply one update's counts (see `_device_counts` for their layout) to the statistics."""
@@ -243,10 +298,11 @@ class HardPixelBank:
         values = update.counts.numpy()
         grids = [(math.ceil(h / self.cell_size), math.ceil(w / self.cell_size)) for h, w in update.sizes]
         grid_sizes = [grid_h * grid_w for grid_h, grid_w in grids]
-        layout = [num_images * num_classes**2, num_classes, num_images, num_images, sum(grid_sizes), sum(grid_sizes)]
+        pairs = num_classes * 4 if self.multilabel else num_classes**2  # confusion entries per image
+        layout = [num_images * pairs, num_classes, num_images, num_images, sum(grid_sizes), sum(grid_sizes)]
         parts = np.split(values[:-num_images].astype(np.int64), np.cumsum(layout)[:-1])
         confusion, class_valid, kept, valid, hard_cells, seen_cells = parts
-        confusion = confusion.reshape(num_images, num_classes, num_classes)
+        confusion = confusion.reshape(num_images, *((num_classes, 2, 2) if self.multilabel else (num_classes,) * 2))
         cell_ends = np.cumsum(grid_sizes)[:-1]
         for i, (hard, seen) in enumerate(zip(np.split(hard_cells, cell_ends), np.split(seen_cells, cell_ends),
                                              strict=True)):  # fmt: skip
@@ -266,14 +322,14 @@ class HardPixelBank:
         history = self._epochs.setdefault(
             update.epoch, EpochClassStats(np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64))
         )
-        history.hard += confusion.sum(axis=(0, 2))
+        history.hard += confusion[:, :, 1].sum(axis=(0, 2)) if self.multilabel else confusion.sum(axis=(0, 2))
         history.valid += class_valid
 
     def state_dict(self) -> dict[str, Any]:
         """A snapshot: its arrays are copies, so later updates leave a saved or pending checkpoint alone."""
         return {
             "num_classes": self.num_classes, "cell_size": self.cell_size, "momentum": self.momentum,
-            "samples": {k: _copied_fields(vars(v)) for k, v in self.samples.items()},
+            "multilabel": self.multilabel, "samples": {k: _copied_fields(vars(v)) for k, v in self.samples.items()},
             "epochs": {k: _copied_fields(vars(v)) for k, v in self.epochs.items()},
         }  # fmt: skip
 
@@ -281,6 +337,7 @@ class HardPixelBank:
         """Take ``state``'s values as copies: updating this bank never changes the dict (or bank) it came from."""
         self.flush()
         self.num_classes, self.cell_size, self.momentum = state["num_classes"], state["cell_size"], state["momentum"]
+        self.multilabel = bool(state.get("multilabel", False))  # absent: saved before multi-label banks
         self._samples = {k: SampleStats(**_sparse_fields(_copied_fields(v))) for k, v in state["samples"].items()}
         self._epochs = {int(k): EpochClassStats(**_copied_fields(v)) for k, v in state["epochs"].items()}
 

@@ -15,8 +15,10 @@ from segohem.bank_store import open_store, read_meta
 
 
 def hardest_images(path: str | Path, *, class_name: str | None = None, top: int = 10) -> list[dict[str, Any]]:
-    """Images ranked by score (EMA kept fraction x EMA hard loss), or by hard pixels of one class."""
-    class_names = read_meta(path)["class_names"]
+    """Images ranked by score (EMA kept fraction x EMA hard loss), or by hard pixels of one class
+    (multi-label stores: hard decisions on pixels that hold the class)."""
+    meta = read_meta(path)
+    class_names = meta["class_names"]
     with open_store(path) as db:
         if class_name is None:
             rows = db.execute(
@@ -27,17 +29,34 @@ def hardest_images(path: str | Path, *, class_name: str | None = None, top: int 
             return [dict(zip(keys, row, strict=True)) for row in rows]
         if class_name not in class_names:
             raise ValueError(f"unknown class {class_name!r}; classes: {', '.join(class_names)}")
+        source = (
+            "sample_decisions c JOIN samples s USING(sample_id) WHERE c.class_id = ? AND c.true_present = 1"
+            if meta["multilabel"] else "sample_confusion c JOIN samples s USING(sample_id) WHERE c.true_class = ?"
+        )  # fmt: skip
         rows = db.execute(
-            "SELECT c.sample_id, SUM(c.pixels) AS hard, s.score FROM sample_confusion c "
-            "JOIN samples s USING(sample_id) WHERE c.true_class = ? GROUP BY c.sample_id "
+            f"SELECT c.sample_id, SUM(c.pixels) AS hard, s.score FROM {source} GROUP BY c.sample_id "
             "ORDER BY hard DESC, c.sample_id LIMIT ?", (class_names.index(class_name), top)
         ).fetchall()  # fmt: skip
     return [{"sample_id": s, f"hard_{class_name}_pixels": h, "score": sc} for s, h, sc in rows]
 
 
 def confused_pairs(path: str | Path, *, top: int = 10) -> list[dict[str, Any]]:
-    """(true, predicted) class pairs with the most hard pixels, excluding correct-but-unsure ones."""
-    class_names = read_meta(path)["class_names"]
+    """(true, predicted) class pairs with the most hard pixels, excluding correct-but-unsure ones.
+
+    Multi-label stores have no pairs (a pixel holds any number of classes): their rows are
+    (class, error) with error ``missed`` (present, predicted absent) or ``false positive``.
+    """
+    meta = read_meta(path)
+    class_names = meta["class_names"]
+    if meta["multilabel"]:
+        with open_store(path) as db:
+            rows = db.execute(
+                "SELECT class_id, true_present, SUM(pixels) AS n, COUNT(DISTINCT sample_id) FROM sample_decisions "
+                "WHERE true_present != pred_present GROUP BY class_id, true_present ORDER BY n DESC, class_id LIMIT ?",
+                (top,),
+            ).fetchall()  # fmt: skip
+        return [{"class": class_names[c], "error": "missed" if t else "false positive", "hard_pixels": n, "images": k}
+                for c, t, n, k in rows]  # fmt: skip
     with open_store(path) as db:
         rows = db.execute(
             "SELECT true_class, pred_class, SUM(pixels) AS n, COUNT(DISTINCT sample_id) FROM sample_confusion "

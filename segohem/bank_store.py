@@ -3,11 +3,15 @@
 Schema (version 1); arrays are zlib-compressed blobs, everything else plain columns:
 
     meta(key TEXT PRIMARY KEY, value TEXT)            schema_version, class_names (JSON),
-                                                      num_classes, cell_size, momentum, epoch
+                                                      num_classes, cell_size, momentum, epoch,
+                                                      multilabel (1: multi-label classes)
     samples(sample_id TEXT PRIMARY KEY, height, width, seen, ema_kept_fraction, ema_hard_loss,
             score, hard_pixels, last_epoch, grid_h, grid_w,
             hard_acc BLOB, seen_acc BLOB)             float16 (grid_h, grid_w) decayed sums
     sample_confusion(sample_id, true_class, pred_class, pixels)   non-zero hard-pixel counts
+    sample_decisions(sample_id, class_id, true_present, pred_present, pixels)
+                                                      multi-label stores instead: non-zero counts of
+                                                      hard (pixel, class) decisions (0 / 1 presence)
     epoch_classes(epoch, class_id, class_name, hard_pixels, valid_pixels, hard_fraction)
     mined(sample_id TEXT PRIMARY KEY, height, width, kept_fraction, mean_hard_loss,
           hard_mask BLOB,                             np.packbits of the (H, W) bool mask
@@ -49,6 +53,9 @@ CREATE TABLE IF NOT EXISTS samples(
 CREATE TABLE IF NOT EXISTS sample_confusion(
     sample_id TEXT, true_class INTEGER, pred_class INTEGER, pixels INTEGER,
     PRIMARY KEY(sample_id, true_class, pred_class));
+CREATE TABLE IF NOT EXISTS sample_decisions(
+    sample_id TEXT, class_id INTEGER, true_present INTEGER, pred_present INTEGER, pixels INTEGER,
+    PRIMARY KEY(sample_id, class_id, true_present, pred_present));
 CREATE TABLE IF NOT EXISTS epoch_classes(
     epoch INTEGER, class_id INTEGER, class_name TEXT, hard_pixels INTEGER, valid_pixels INTEGER,
     hard_fraction REAL, PRIMARY KEY(epoch, class_id));
@@ -86,6 +93,7 @@ def _schema_columns() -> dict[str, list[str]]:
 
 
 TABLES = _schema_columns()
+OPTIONAL_TABLES = ("sample_decisions",)  # absent from stores written before multi-label banks; created on write
 
 
 def _header_problem(path: Path) -> str | None:
@@ -110,10 +118,12 @@ def _header_problem(path: Path) -> str | None:
 def _structure_problem(path: Path, db: sqlite3.Connection) -> str | None:
     """Why an SQLite database is not a hard-pixel store of this schema version, or None."""
     present = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    missing = [table for table in TABLES if table not in present]
+    missing = [table for table in TABLES if table not in present and table not in OPTIONAL_TABLES]
     if missing:
         return f"{path} is not a segohem hard-pixel store: it lacks the table(s) {', '.join(missing)}"
     for table, columns in TABLES.items():
+        if table not in present:
+            continue
         have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
         if lacking := [column for column in columns if column not in have]:
             return f"{path} is not a segohem hard-pixel store: its {table} table lacks {', '.join(lacking)}"
@@ -208,13 +218,20 @@ def unpack_array(blob: bytes, shape: tuple[int, int], dtype: str = "float16") ->
 
 def _bank_rows(bank: HardPixelBank, *, class_names: list[str] | tuple[str, ...], epoch: int) -> dict[str, list[Any]]:
     """The rows that hold ``bank``: table name -> rows (meta as (key, value) pairs)."""
-    sample_rows, confusion_rows = [], []
+    sample_rows, confusion_rows, decision_rows = [], [], []
     for sample_id, s in bank.samples.items():
         sample_rows.append((
             sample_id, s.height, s.width, s.seen, s.ema_kept_fraction, s.ema_hard_loss, s.score,
             int(s.confusion_counts.sum()), s.last_epoch, *s.hard_acc.shape, pack_array(s.hard_acc),
             pack_array(s.seen_acc),
         ))  # fmt: skip
+        if bank.multilabel:  # flat index (class * 2 + true) * 2 + predicted, see `SampleStats`
+            class_ids, (true_ids, pred_ids) = s.confusion_pairs // 4, np.divmod(s.confusion_pairs % 4, 2)
+            decision_rows += [
+                (sample_id, int(c), int(t), int(p), int(n))
+                for c, t, p, n in zip(class_ids, true_ids, pred_ids, s.confusion_counts, strict=True)
+            ]
+            continue
         true_ids, pred_ids = np.divmod(s.confusion_pairs, bank.num_classes)
         confusion_rows += [
             (sample_id, int(t), int(p), int(n)) for t, p, n in zip(true_ids, pred_ids, s.confusion_counts, strict=True)
@@ -227,16 +244,19 @@ def _bank_rows(bank: HardPixelBank, *, class_names: list[str] | tuple[str, ...],
     meta = {
         "schema_version": SCHEMA_VERSION, "class_names": json.dumps(list(class_names)),
         "num_classes": bank.num_classes, "cell_size": bank.cell_size, "momentum": bank.momentum, "epoch": epoch,
+        "multilabel": int(bank.multilabel),
     }  # fmt: skip
     meta_rows = [(k, str(v)) for k, v in meta.items()]
-    return {"samples": sample_rows, "sample_confusion": confusion_rows, "epoch_classes": epoch_rows, "meta": meta_rows}
+    return {"samples": sample_rows, "sample_confusion": confusion_rows, "sample_decisions": decision_rows,
+            "epoch_classes": epoch_rows, "meta": meta_rows}  # fmt: skip
 
 
 def _write_bank(db: sqlite3.Connection, rows: dict[str, list[Any]]) -> None:
-    for table in ("samples", "sample_confusion", "epoch_classes"):
+    for table in ("samples", "sample_confusion", "sample_decisions", "epoch_classes"):
         db.execute(f"DELETE FROM {table}")
     db.executemany("INSERT INTO samples VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows["samples"])
     db.executemany("INSERT INTO sample_confusion VALUES (?,?,?,?)", rows["sample_confusion"])
+    db.executemany("INSERT INTO sample_decisions VALUES (?,?,?,?,?)", rows["sample_decisions"])
     db.executemany("INSERT INTO epoch_classes VALUES (?,?,?,?,?,?)", rows["epoch_classes"])
     db.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", rows["meta"])
 
@@ -308,13 +328,15 @@ def _decoding(path: Path) -> Iterator[None]:
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    """The store's meta table: schema_version, class_names (a list), num_classes, cell_size, momentum, epoch."""
+    """The store's meta table: schema_version, class_names (a list), num_classes, cell_size, momentum, epoch,
+    multilabel (a bool; False in stores written before multi-label banks)."""
     with open_store(path) as db:
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
     if not meta:
         raise StoreError(f"{path} holds no saved hard-pixel bank yet (only mined masks, if anything)")
     with _decoding(Path(path)):
         meta["class_names"] = json.loads(meta["class_names"])
+    meta["multilabel"] = meta.get("multilabel", "0") == "1"
     return meta
 
 
@@ -322,8 +344,9 @@ def load_bank(path: str | Path) -> HardPixelBank:
     """Rebuild a bank (float16 precision maps) from a store written by `save_bank`."""
     meta = read_meta(path)
     with open_store(path) as db, _decoding(Path(path)):
-        num_classes = int(meta["num_classes"])
-        bank = HardPixelBank(num_classes, cell_size=int(meta["cell_size"]), momentum=float(meta["momentum"]))
+        num_classes, multilabel = int(meta["num_classes"]), meta["multilabel"]
+        bank = HardPixelBank(num_classes, cell_size=int(meta["cell_size"]), momentum=float(meta["momentum"]),
+                             multilabel=multilabel)  # fmt: skip
         for row in db.execute("SELECT sample_id, height, width, seen, ema_kept_fraction, ema_hard_loss, "
                               "last_epoch, grid_h, grid_w, hard_acc, seen_acc FROM samples"):  # fmt: skip
             sample_id, height, width, seen, kept, loss, last_epoch, grid_h, grid_w, hard_blob, seen_blob = row
@@ -332,9 +355,10 @@ def load_bank(path: str | Path) -> HardPixelBank:
                 last_epoch=last_epoch, hard_acc=unpack_array(hard_blob, (grid_h, grid_w)),
                 seen_acc=unpack_array(seen_blob, (grid_h, grid_w)),
                 num_classes=num_classes, confusion_pairs=np.zeros(0, np.int32),
-                confusion_counts=np.zeros(0, np.int64),
+                confusion_counts=np.zeros(0, np.int64), multilabel=multilabel,
             )  # fmt: skip
-        for sample_id, entries in _read_confusions(db, num_classes).items():
+        read = _read_decisions if multilabel else _read_confusions
+        for sample_id, entries in read(db, num_classes).items():
             sample = bank.samples[sample_id]
             sample.confusion_pairs = np.array([pair for pair, _ in entries], np.int32)
             sample.confusion_counts = np.array([pixels for _, pixels in entries], np.int64)
@@ -355,6 +379,17 @@ def _read_confusions(db: sqlite3.Connection, num_classes: int) -> dict[str, list
             raise IndexError(f"confusion entry ({true_class}, {pred_class}) of {sample_id!r} is outside the classes")
         confusions.setdefault(sample_id, []).append((true_class * num_classes + pred_class, pixels))
     return confusions
+
+
+def _read_decisions(db: sqlite3.Connection, num_classes: int) -> dict[str, list[tuple[int, int]]]:
+    """sample_id -> its ((class * 2 + true) * 2 + predicted, pixels) multi-label entries, sorted."""
+    decisions: dict[str, list[tuple[int, int]]] = {}
+    query = "SELECT * FROM sample_decisions ORDER BY sample_id, class_id, true_present, pred_present"
+    for sample_id, class_id, true_present, pred_present, pixels in db.execute(query):
+        if not (0 <= class_id < num_classes and true_present in (0, 1) and pred_present in (0, 1)):
+            raise IndexError(f"decision entry ({class_id}, {true_present}, {pred_present}) of {sample_id!r} is invalid")
+        decisions.setdefault(sample_id, []).append(((class_id * 2 + true_present) * 2 + pred_present, pixels))
+    return decisions
 
 
 def save_mined(path: str | Path, rows: list[tuple[str, np.ndarray, np.ndarray]]) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 
 DataKind = Literal["synthetic", "folder", "camvid", "cityscapes", "ade20k", "voc"]
-MaskFormat = Literal["index", "rgb", "binary"]
+MaskFormat = Literal["index", "rgb", "binary", "multilabel"]
 VocTrainSet = Literal["auto", "train", "trainaug"]
 MiningMode = Literal["threshold", "topk", "none"]
 MiningScope = Literal["image", "batch"]
@@ -149,7 +149,9 @@ class DataConfig:
     test_list: str = setting("", "folder / camvid: like train_list, for the test split (in test_images / test_masks)")
     mask_format: MaskFormat = setting(
         "index", "folder / camvid: index (label ids, 8 or 16 bit, or palette indices) | rgb (colours mapped "
-        "through palette; ignore_colors are ignored) | binary (0/255 or 0/1 -> classes 0 and 1)"
+        "through palette; ignore_colors are ignored) | binary (0/255 or 0/1 -> classes 0 and 1) | multilabel "
+        "(folder: classes may overlap; bit k of a label value set = class k present, 8 or 16 bit; ignore_index "
+        "marks pixels scored for no class; see scripts/pack_multilabel.py)"
     )  # fmt: skip
     ignore_colors: list[list[int]] = setting(
         [], "mask_format rgb: [R, G, B] colours read as the ignore id", check=_colour_list
@@ -593,6 +595,32 @@ def validate(config: Config) -> None:
         )
     _validate_eval(config.eval)
     _validate_mining(config)
+    _validate_multilabel(config)
+
+
+def _validate_multilabel(config: Config) -> None:
+    """Multi-label masks train a sigmoid per class (`segohem.ohem.PackedMultiLabel`); the options that
+    assume one class per pixel (softmax weights, quotas, region losses, class-located crops) are refused."""
+    if config.data.mask_format != "multilabel":
+        return
+    if config.data.kind != "folder":
+        raise ConfigError(f"data.mask_format=multilabel reads data.kind=folder masks, not data.kind={config.data.kind}")
+    ohem, mining, refine = config.ohem, config.mining, config.refine
+    single_label = {
+        "ohem.class_weight": bool(ohem.class_weight), "ohem.class_min_kept": bool(ohem.class_min_kept),
+        "ohem.scope=batch": ohem.scope != "image", "ohem.warmup_steps": bool(ohem.warmup_steps),
+        "ohem.region_loss": ohem.region_loss != "none", "ohem.ce_weight": ohem.ce_weight != 1.0,
+        "mining.hard_crop_prob / rare_crop_prob / paste_prob / candidates": mining.places_crops,
+        "mining.sampler": mining.sampler != "none", "refine.sampler=class": refine.sampler == "class",
+        "refine.class_weight_power": bool(refine.class_weight_power),
+        "model.refine_head": bool(config.model.refine_head),
+    }  # fmt: skip
+    given = [key for key, on in single_label.items() if on]
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)}: not available with data.mask_format=multilabel (a pixel may hold several classes "
+            f"or none); remove them"
+        )
 
 
 def _validate_mining(config: Config) -> None:

@@ -126,6 +126,7 @@ class PairCheck:
     class_pixels: np.ndarray | None = None  # (C,) int64
     ignored: int = 0
     outside: dict[int, int] = field(default_factory=dict)  # label value outside the classes -> pixels
+    pixels: int = 0  # pixels of the label file (multi-label classes overlap: not the sum of the counts)
 
 
 def _label_problem(path: Path, err: Exception, task: PairTask) -> Problem:
@@ -147,8 +148,15 @@ def _label_problem(path: Path, err: Exception, task: PairTask) -> Problem:
 
 
 def _count_labels(labels: np.ndarray, info: ClassInfo) -> tuple[np.ndarray, int, dict[int, int]]:
-    """(H, W) class ids -> (pixels per class (C,), ignored pixels, {other value: pixels})."""
+    """(H, W) class ids -> (pixels per class (C,), ignored pixels, {other value: pixels}); multi-label
+    masks count a pixel in each class whose bit it sets, and values setting higher bits as other values."""
     flat = labels.ravel()
+    if info.multilabel:
+        values, counts = np.unique(flat, return_counts=True)
+        inside = values < 2**info.num_classes
+        bits = (values[inside, None].astype(np.int64) >> np.arange(info.num_classes)) & 1
+        others = {int(v): int(n) for v, n in zip(values[~inside], counts[~inside], strict=True)}
+        return (counts[inside] @ bits).astype(np.int64), others.pop(info.ignore_index, 0), others
     if flat.size and flat.min() < 0:  # a negative ignore id (colour masks): bincount takes no negatives
         values, counts = np.unique(flat, return_counts=True)
     else:
@@ -179,11 +187,14 @@ def check_pair(task: PairTask) -> PairCheck:
         check.problems.append(_label_problem(task.mask_path, err, task))
         return check
     check.class_pixels, check.ignored, check.outside = _count_labels(labels, task.info)
+    check.pixels = int(labels.size)
     where = display_path(task.mask_path)
     if check.outside:
         values = ", ".join(f"{value} ({count} px)" for value, count in sorted(check.outside.items()))
-        detail = (f"label values {values} are outside the classes 0..{task.info.num_classes - 1} and are not the "
-                  f"ignore id {task.info.ignore_index}")  # fmt: skip
+        info = task.info
+        what = f"the values 0..{2**info.num_classes - 1} (bit k = class k)" if info.multilabel else \
+            f"the classes 0..{info.num_classes - 1}"  # fmt: skip
+        detail = f"label values {values} are outside {what} and are not the ignore id {info.ignore_index}"
         check.problems.append(Problem("labels_outside_classes", ERROR, where, detail))
     if image is not None and image.shape[:2] != labels.shape:
         detail = (f"label file is {labels.shape[1]}x{labels.shape[0]} but its image {display_path(task.image_path)} "

@@ -27,6 +27,7 @@ class SplitReport:
     class_images: np.ndarray = field(init=False)  # (C,) int64 images holding the class
     present_pixels: np.ndarray = field(init=False)  # (C,) int64 pixels of the images holding the class
     ignore_pixels: int = 0
+    label_pixels: int = 0  # pixels of the label files read
     outside_pixels: dict[int, int] = field(default_factory=dict)  # label value outside the classes -> pixels
     outside_files: dict[int, list[str]] = field(default_factory=dict)  # label value -> label files holding it
 
@@ -43,7 +44,8 @@ class SplitReport:
             self.sizes[check.size] = self.sizes.get(check.size, 0) + 1
         if check.class_pixels is None or mask_path is None:
             return
-        image_pixels = int(check.class_pixels.sum()) + check.ignored + sum(check.outside.values())
+        image_pixels = check.pixels
+        self.label_pixels += image_pixels
         present = check.class_pixels > 0
         self.class_pixels += check.class_pixels
         self.class_images[present] += 1
@@ -55,7 +57,7 @@ class SplitReport:
 
     @property
     def total_pixels(self) -> int:
-        return int(self.class_pixels.sum()) + self.ignore_pixels + sum(self.outside_pixels.values())
+        return self.label_pixels
 
     def class_weights(self) -> list[float | None]:
         """Median-frequency balancing (Eigen & Fergus, ICCV 2015; SegNet's CamVid weights):

@@ -11,7 +11,7 @@ import torch
 from segmentation_models_pytorch.losses import DiceLoss, FocalLoss, LovaszLoss
 from torch import Tensor, nn
 
-from segohem.ohem import OhemCrossEntropy, OhemResult, TwoClassAsBinary
+from segohem.ohem import OhemCrossEntropy, OhemResult, PackedMultiLabel, TwoClassAsBinary
 
 REGION_LOSSES: tuple[str, ...] = ("none", "dice", "lovasz", "focal")
 
@@ -66,4 +66,5 @@ class OhemRegionLoss(nn.Module):
         return result._replace(loss=loss)
 
 
-SegmentationLoss = OhemCrossEntropy | TwoClassAsBinary | OhemRegionLoss  # what the loop, mining and the gallery call
+# What the loop, mining and the gallery call.
+SegmentationLoss = OhemCrossEntropy | TwoClassAsBinary | PackedMultiLabel | OhemRegionLoss

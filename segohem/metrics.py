@@ -52,6 +52,53 @@ class ConfusionMatrix:
         }
 
 
+class MultiLabelConfusion:
+    """Per-class binary confusions of multi-label masks: (K, 2, 2) integer counts [class, true, predicted].
+
+    IoU of class k is that of its positives, TP / (TP + FP + FN), over every pixel its label
+    scores (NaN when the class is neither present nor predicted); accuracy is its recall
+    TP / (TP + FN); ``pixel_acc`` the share of (pixel, class) decisions that are right.
+    """
+
+    def __init__(self, num_classes: int, *, ignore_index: int) -> None:
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.matrix = torch.zeros(num_classes, 2, 2, dtype=torch.int64)
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """pred (N, K, H, W) bool (e.g. logits > 0); target (N, K, H, W) of 0 / 1 / ignore_index."""
+        valid = target != self.ignore_index
+        classes = torch.arange(self.num_classes, device=target.device).view(1, -1, 1, 1).expand_as(target)
+        index = (classes * 2 + target.clamp(0, 1)) * 2 + pred.long()
+        counts = torch.bincount(index[valid], minlength=self.num_classes * 4)
+        self.matrix += counts.reshape(self.num_classes, 2, 2).cpu()
+
+    def all_reduce(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+            matrix = self.matrix.to(device)
+            torch.distributed.all_reduce(matrix)
+            self.matrix = matrix.cpu()
+
+    def compute(self) -> dict[str, Any]:
+        """The keys of `ConfusionMatrix.compute`; ``confusion`` is the (K, 2, 2) matrix as lists."""
+        matrix = self.matrix.to(torch.float64)
+        true_negative, false_positive = matrix[:, 0, 0], matrix[:, 0, 1]
+        false_negative, true_positive = matrix[:, 1, 0], matrix[:, 1, 1]
+        union = true_positive + false_positive + false_negative
+        positives = true_positive + false_negative
+        iou = torch.where(union > 0, true_positive / union.clamp(min=1), torch.nan)
+        class_acc = torch.where(positives > 0, true_positive / positives.clamp(min=1), torch.nan)
+        total = matrix.sum()
+        return {
+            "miou": float(iou.nanmean()) if (union > 0).any() else 0.0,
+            "pixel_acc": float((true_positive + true_negative).sum() / total) if total > 0 else 0.0,
+            "mean_acc": float(class_acc.nanmean()) if (positives > 0).any() else 0.0,
+            "iou": iou.tolist(),
+            "acc": class_acc.tolist(),
+            "confusion": self.matrix.tolist(),
+        }
+
+
 def format_table(metrics: dict[str, Any], class_names: tuple[str, ...] | list[str]) -> str:
     """A per-class IoU / accuracy table with the summary metrics underneath."""
     iou, acc = metrics["iou"], metrics["acc"]

@@ -585,3 +585,50 @@ class TwoClassAsBinary(nn.Module):
         z = logits[:, 1:2] - logits[:, 0:1]
         result = self.binary(z, target[:, None], pixel_weight=pixel_weight)
         return result._replace(hard_mask=result.hard_mask[:, 0], pixel_loss=result.pixel_loss[:, 0])
+
+
+def unpack_labels(target: Tensor, *, num_classes: int, ignore_index: int) -> Tensor:
+    """Bit-packed multi-label masks (N, H, W), bit k set = class k present, as (N, K, H, W) of 0 / 1,
+    ``ignore_index`` in every class where the packed value is the ignore id.
+
+    A value setting a bit at or above ``num_classes`` raises ValueError (CPU) or fails a device-side
+    assert (CUDA), as a class id out of range does for cross-entropy.
+    """
+    ignored = target == ignore_index
+    bad = ((target >> num_classes) != 0) & ~ignored
+    if _sync_free(target):
+        torch._assert_async(~bad.any(), "unpack_labels: label values set bits beyond num_classes")
+    elif bool(bad.any()):
+        raise ValueError(
+            f"multi-label values {sorted(set(target[bad].unique().tolist()))[:10]} set bits beyond the "
+            f"{num_classes} classes (values 0..{2**num_classes - 1}) and are not the ignore_index {ignore_index}"
+        )
+    bits = torch.arange(num_classes, device=target.device).view(1, -1, 1, 1)
+    unpacked = (target[:, None].long() >> bits) & 1
+    return unpacked.masked_fill(ignored[:, None], ignore_index)
+
+
+class PackedMultiLabel(nn.Module):
+    """`OhemBinaryCrossEntropy` for bit-packed multi-label masks: a K-channel model, a sigmoid per class.
+
+    forward(logits (N, K, H, W), target (N, H, W) packed as `unpack_labels` reads it) -> OhemResult
+    of (N, K, H, W): each image and class mines its hard positives and hard negatives apart.
+    """
+
+    def __init__(self, binary: OhemBinaryCrossEntropy, *, num_classes: int) -> None:
+        super().__init__()
+        self.binary, self.num_classes = binary, num_classes
+
+    @property
+    def ignore_index(self) -> int:
+        return self.binary.ignore_index
+
+    def unpack(self, target: Tensor) -> Tensor:
+        """(N, K, H, W) 0 / 1 / ignore of packed ``target`` (N, H, W)."""
+        return unpack_labels(target, num_classes=self.num_classes, ignore_index=self.ignore_index)
+
+    def forward(self, logits: Tensor, target: Tensor, *, step: int | None = None,
+                pixel_weight: Tensor | None = None) -> OhemResult:  # fmt: skip
+        if logits.ndim != 4 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"expected logits (N, {self.num_classes}, H, W), got {tuple(logits.shape)}")
+        return self.binary(logits, self.unpack(target), pixel_weight=pixel_weight)

@@ -69,6 +69,16 @@ def render_panel(
     return np.concatenate([grid, key[: grid.shape[0]]], axis=1)
 
 
+def colorize_multilabel(packed: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
+    """(H, W) bit-packed classes (bit k = class k) -> (H, W, 3) uint8 RGB, the mean colour of each
+    pixel's classes; black where it holds none."""
+    colours = np.asarray(palette, np.float64)
+    present = (packed[..., None].astype(np.int64) >> np.arange(len(colours))) & 1  # (H, W, K)
+    total = present @ colours
+    count = present.sum(-1, keepdims=True)
+    return np.round(total / np.maximum(count, 1)).astype(np.uint8)
+
+
 def colorize_mask(
     mask: np.ndarray, palette: Sequence[Sequence[int]], *, ignore_index: int | None = None,
     ignore_color: Sequence[int] = (0, 0, 0),

@@ -101,7 +101,7 @@ def report_dict(cfg: Config, info: ClassInfo, reports: list[SplitReport], *, sec
                 "ignore_fraction": report.ignore_pixels / max(report.total_pixels, 1),
                 "classes": _classes(report, info),
                 "labels_outside_classes": _outside(report),
-                "suggested_override": _suggested_weights(report),
+                "suggested_override": None if info.multilabel else _suggested_weights(report),
             }
             for report in reports
         ],
@@ -127,7 +127,8 @@ def _class_lines(report: SplitReport, info: ClassInfo) -> list[str]:
         lines.append(f"  {row['name'][:15]:<16}{row['pixels']:>12}{row['share']:>9.2%}{row['images']:>8}"
                      f"{row['presence']:>10.1%}{weight:>8}")  # fmt: skip
     lines.append(f"  ignored (id {info.ignore_index}): {report.ignore_pixels / report.total_pixels:.2%} of pixels")
-    lines.append(f"  suggested class weights, {WEIGHTING}: {_suggested_weights(report)}")
+    if not info.multilabel:  # ohem.class_weight weighs a softmax over classes
+        lines.append(f"  suggested class weights, {WEIGHTING}: {_suggested_weights(report)}")
     return lines
 
 

@@ -18,6 +18,7 @@ from segohem.bank import HardPixelBank
 from segohem.bank_report import class_hardness, confused_pairs, format_rows, hardest_images
 from segohem.bank_store import load_bank, save_bank
 from segohem.cli.build import build_eval_loader, eval_dataset
+from segohem.config import ConfigError
 from segohem.data import IMAGE_SUFFIXES, DatasetError, display_path
 from segohem.data.images import ImageListDataset
 from segohem.data.transforms import build_eval_transform
@@ -28,7 +29,16 @@ from segohem.engine.run import TrainingRun
 from segohem.gallery import choose_ids, write_gallery
 from segohem.metrics import format_table
 from segohem.plots import save_run_plots
-from segohem.visualize import colorize_mask
+from segohem.visualize import colorize_mask, colorize_multilabel
+
+
+def require_single_label(run: TrainingRun, command: str) -> None:
+    """ConfigError for a command that draws or stores one class per pixel, given a multi-label run."""
+    if run.classes.multilabel:
+        raise ConfigError(
+            f"segohem {command} handles one class per pixel, and this checkpoint was trained on multi-label masks "
+            f"(data.mask_format=multilabel); segohem eval, predict and hard-pixels read multi-label runs"
+        )
 
 
 def run_eval(checkpoint: Path, *, split: str, overrides: list[str], output: Path | None) -> dict[str, Any]:
@@ -69,6 +79,9 @@ def prediction_files(paths: list[Path], output_dir: Path) -> list[tuple[Path, Pa
 def run_predict(checkpoint: Path, *, input_dir: Path, output_dir: Path, overrides: list[str]) -> int:
     """Write ``<stem>.png`` (class ids) and ``<stem>_color.png`` for every image in ``input_dir``.
 
+    Multi-label runs write the classes predicted present as bits, the encoding they train on
+    (data.mask_format=multilabel), and colour each pixel by the mean colour of its classes.
+
     Images go through the evaluation preprocessing of the checkpoint's config (the one path
     datasets use); predictions are resized back to each image's own size.
     """
@@ -85,6 +98,7 @@ def run_predict(checkpoint: Path, *, input_dir: Path, output_dir: Path, override
         output_dir=output_dir,
         palette=info.palette,
         progress=cfg.train.progress,
+        multilabel=info.multilabel,
         labels_of=lambda index, sample: _predict_labels(run, sample, size=dataset.resize),
     )
 
@@ -106,7 +120,7 @@ def prediction_inputs(input_dir: Path, output_dir: Path) -> list[Path]:
 
 def write_predictions(
     dataset: ImageListDataset, *, output_dir: Path, palette: Sequence[Sequence[int]], progress: bool | None,
-    labels_of: Callable[[int, dict[str, Any]], np.ndarray],
+    labels_of: Callable[[int, dict[str, Any]], np.ndarray], multilabel: bool = False,
 ) -> int:  # fmt: skip
     """Write ``<stem>.png`` and ``<stem>_color.png`` for each image, ``labels_of(index, sample)``
     giving its (H0, W0) class ids; images that cannot be read or predicted (a DatasetError:
@@ -125,7 +139,8 @@ def write_predictions(
             continue
         label_path, color_path = outputs[index]
         write_png(label_path, labels)
-        write_png(color_path, cv2.cvtColor(colorize_mask(labels, palette), cv2.COLOR_RGB2BGR))
+        colour = colorize_multilabel(labels, palette) if multilabel else colorize_mask(labels, palette)
+        write_png(color_path, cv2.cvtColor(colour, cv2.COLOR_RGB2BGR))
     print(f"wrote {len(paths) - len(failed)} prediction(s) to {output_dir}")
     if failed:
         print(f"skipped {len(failed)} file(s): {', '.join(failed)}", file=sys.stderr)
@@ -146,7 +161,13 @@ def _predict_labels(run: TrainingRun, sample: dict[str, Any], *, size: tuple[int
     with autocast_context(run.device, cfg.train.amp):
         logits = eval_logits(run.model, sample["image"][None].to(run.device), cfg=cfg.eval,
                              num_classes=run.classes.num_classes, size_divisor=cfg.augment.pad_divisor,
-                             valid_hw=[(height, width)])[:, :, :height, :width]  # fmt: skip
+                             valid_hw=[(height, width)], multilabel=run.classes.multilabel)  # fmt: skip
+    logits = logits[:, :, :height, :width]
+    if run.classes.multilabel:  # bit k set: class k present (logit above 0)
+        bits = torch.arange(run.classes.num_classes, device=logits.device).view(1, -1, 1, 1)
+        packed = ((logits > 0).long() << bits).sum(1)[0].cpu().numpy()
+        return cv2.resize(packed.astype(np.uint8 if run.classes.num_classes <= 8 else np.uint16),
+                          (source_width, source_height), interpolation=cv2.INTER_NEAREST)  # fmt: skip
     label_dtype = np.uint8 if run.classes.num_classes <= 256 else np.uint16
     labels: np.ndarray = logits.argmax(1)[0].cpu().numpy().astype(label_dtype)
     return cv2.resize(labels, (source_width, source_height), interpolation=cv2.INTER_NEAREST)
@@ -163,6 +184,7 @@ def write_png(path: Path, image: np.ndarray) -> None:
 def run_mine(checkpoint: Path, *, split: str, output: Path | None, overrides: list[str]) -> Path:
     """Mine a split with a checkpoint into a hard-pixel store; returns the store's path."""
     run, meta = TrainingRun.for_inference(checkpoint, overrides)
+    require_single_label(run, "mine")
     cfg, info = run.config, run.classes
     loader = build_eval_loader(cfg, split=split)
     output = output or checkpoint.parent / f"mined_{split}_{checkpoint.stem}.sqlite"
@@ -202,6 +224,7 @@ def run_viz(
     """Gallery of hard-pixel maps for a run's hardest (or chosen) images, plus its plots."""
     checkpoint = checkpoint or (run / "best.pt" if (run / "best.pt").exists() else run / "last.pt")
     trained, _ = TrainingRun.for_inference(checkpoint, overrides)
+    require_single_label(trained, "viz")
     dataset = eval_dataset(build_eval_loader(trained.config, split=split))
     store = run / BANK_FILE
     bank = load_bank(store) if store.exists() else None

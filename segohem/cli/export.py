@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from segohem import __version__
-from segohem.cli.commands import prediction_inputs, write_predictions
+from segohem.cli.commands import prediction_inputs, require_single_label, write_predictions
 from segohem.config import AugmentConfig, Config, ConfigError, config_to_dict
 from segohem.data import DatasetError, display_path
 from segohem.data.images import ImageListDataset
@@ -128,6 +128,7 @@ def run_export(
     # On the CPU in fp32 whatever run.device says: the traced graph does not depend on a device,
     # and the comparison with PyTorch is exact up to kernel rounding.
     run, _ = TrainingRun.for_inference(checkpoint, [*overrides, "run.device=cpu"])
+    require_single_label(run, "export")
     model = run.model.float().eval()
     divisor = input_divisor(model)
     if dynamic:

@@ -12,6 +12,7 @@ __all__ = ["SPLITS", "ClassInfo", "build_dataset", "class_info", "split_folders"
 
 SPLITS = ("train", "val", "test")  # the splits build_dataset knows; data.<split>_images/_masks name their folders
 BINARY_CLASSES = ("background", "foreground")  # data.mask_format=binary without data.class_names
+MAX_MULTILABEL_CLASSES = 15  # data.mask_format=multilabel: class bits of a 16-bit mask, 65535 left to ignore
 
 
 def class_info(cfg: DataConfig) -> ClassInfo:
@@ -38,9 +39,27 @@ def class_info(cfg: DataConfig) -> ClassInfo:
     if len(palette) != len(names) or any(len(c) != 3 for c in palette):
         raise ConfigError(f"data.palette needs one RGB triple per class ({len(names)} classes)")
     ignore_index = preset.ignore_index if preset and cfg.kind != "synthetic" else cfg.ignore_index
+    if cfg.mask_format == "multilabel":
+        return _multilabel_info(names, palette, ignore_index)  # type: ignore[arg-type]
     if 0 <= ignore_index < len(names):
         raise ConfigError(f"data.ignore_index {ignore_index} collides with class '{names[ignore_index]}'")
     return ClassInfo(names, palette, ignore_index)  # type: ignore[arg-type]
+
+
+def _multilabel_info(names: tuple[str, ...], palette: tuple[tuple[int, int, int], ...], ignore_index: int) -> ClassInfo:
+    """Bit-packed multi-label masks: K classes use the label values 0 .. 2**K - 1, so the ignore id lies above."""
+    if len(names) > MAX_MULTILABEL_CLASSES:
+        raise ConfigError(
+            f"data.class_names: data.mask_format=multilabel packs one class per bit of a 16-bit mask, at most "
+            f"{MAX_MULTILABEL_CLASSES} classes (one value left for the ignore id); got {len(names)}"
+        )
+    if 0 <= ignore_index < 2 ** len(names):
+        raise ConfigError(
+            f"data.ignore_index {ignore_index} is a label value of data.mask_format=multilabel with {len(names)} "
+            f"classes (values 0..{2 ** len(names) - 1} set class bits); use an ignore id of {2 ** len(names)} or "
+            f"more, e.g. data.ignore_index={255 if len(names) < 8 else 65535}"
+        )
+    return ClassInfo(names, palette, ignore_index, multilabel=True)
 
 
 def build_dataset(
@@ -56,7 +75,7 @@ def build_dataset(
     info = class_info(data)
     make = build_train_transform if train else build_eval_transform
     common = dict(
-        num_classes=info.num_classes, ignore_index=info.ignore_index, seed=seed,
+        num_classes=info.num_classes, ignore_index=info.ignore_index, multilabel=info.multilabel, seed=seed,
         transform=make(augment, ignore_index=info.ignore_index),
         resize=tuple(data.resize) if data.resize else None,
     )  # fmt: skip

@@ -47,8 +47,9 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
         transform: Callable[..., dict[str, Any]] | None = None,
         resize: tuple[int, int] | None = None,
         seed: int = 0,
+        multilabel: bool = False,
     ) -> None:
-        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.num_classes, self.ignore_index, self.multilabel = num_classes, ignore_index, multilabel
         self.transform, self.resize, self.seed = transform, resize, seed
         self.epoch = 0
 
@@ -122,10 +123,17 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
         }
 
     def check_labels(self, mask: np.ndarray, where: str) -> None:
-        if int(mask.max(initial=0)) < self.num_classes:
+        limit = 2**self.num_classes if self.multilabel else self.num_classes  # multilabel: one bit per class
+        if int(mask.max(initial=0)) < limit:
             return
         values = np.unique(mask)
-        bad = [int(v) for v in values if v >= self.num_classes and v != self.ignore_index]
+        bad = [int(v) for v in values if v >= limit and v != self.ignore_index]
+        if bad and self.multilabel:
+            raise DatasetError(
+                f"{where}: label values {bad[:10]} set bits beyond the {self.num_classes} classes of "
+                f"data.mask_format=multilabel (bit k = class k: values 0..{limit - 1}) and are not the ignore id "
+                f"{self.ignore_index}; fix the mask, data.class_names or data.ignore_index"
+            )
         if bad:
             raise DatasetError(
                 f"{where}: label values {bad[:10]} are outside the classes 0..{self.num_classes - 1} "
@@ -162,6 +170,8 @@ class PairedDataset(SegmentationDataset):
                 f"{display_path(image_path)} is {image.shape[1]}x{image.shape[0]} (width x height)"
             )
         self.check_labels(mask, display_path(mask_path))
+        if np.iinfo(mask.dtype).max < self.ignore_index:  # room for the ignore id that padding writes
+            mask = mask.astype(_label_dtype(self.ignore_index))
         return image, mask
 
 

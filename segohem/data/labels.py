@@ -123,3 +123,28 @@ def binary_ids(mask: np.ndarray, *, where: str) -> np.ndarray:
 def read_binary_labels(path: Path) -> np.ndarray:
     """A 0/255 or 0/1 mask as classes 0 (background) and 1 (foreground)."""
     return binary_ids(read_mask(path), where=display_path(path))
+
+
+def pack_multilabel(masks: list[np.ndarray | None], *, ignore: np.ndarray | None = None,
+                    ignore_index: int = 255) -> np.ndarray:  # fmt: skip
+    """One binary (H, W) mask per class (non-zero = present; None = absent) as the bit-packed
+    label map of ``data.mask_format=multilabel``: bit k set where class k is present, and
+    ``ignore_index`` where ``ignore`` is non-zero. uint8 when the values fit, else uint16.
+
+    Raises ValueError when the masks differ in size, or the ignore id is a packed value.
+    """
+    shapes = {m.shape for m in masks if m is not None} | ({ignore.shape} if ignore is not None else set())
+    if len(shapes) != 1:
+        raise ValueError(f"the class masks of one image differ in size (H, W): {sorted(shapes)}")
+    if 0 <= ignore_index < 2 ** len(masks):
+        raise ValueError(
+            f"ignore_index {ignore_index} is a packed value of {len(masks)} classes; use >= {2 ** len(masks)}"
+        )
+    dtype = np.uint8 if max(2 ** len(masks) - 1, ignore_index) <= 255 else np.uint16
+    packed = np.zeros(shapes.pop(), dtype)
+    for bit, mask in enumerate(masks):
+        if mask is not None:
+            packed |= ((mask != 0) << bit).astype(dtype)
+    if ignore is not None:
+        packed[ignore != 0] = ignore_index
+    return packed

@@ -19,6 +19,7 @@ class ClassInfo:
     names: tuple[str, ...]
     palette: tuple[tuple[int, int, int], ...]
     ignore_index: int
+    multilabel: bool = False  # data.mask_format=multilabel: bit k of a label value = class k present
 
     @property
     def num_classes(self) -> int:

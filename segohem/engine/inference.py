@@ -91,6 +91,7 @@ def infer_logits(
     scales: Sequence[float] = (1.0,),
     batch_windows: int = 1,
     size_divisor: int = 1,
+    multilabel: bool = False,
 ) -> torch.Tensor:
     """Logits of ``model`` for ``images`` (N, 3, H, W), normalized: (N, ``num_classes``, H, W) float32.
 
@@ -108,7 +109,8 @@ def infer_logits(
     cross-entropy treat it as logits. Probabilities are averaged rather than logits because
     each view is a prediction in its own right: a view with large logits (e.g. an upscaled,
     overconfident one) would dominate a logit mean, while probabilities are bounded; mmseg's
-    test-time augmentation averages probabilities the same way.
+    test-time augmentation averages probabilities the same way. ``multilabel``: a sigmoid per
+    class, so several views return the logit of their mean sigmoid.
     """
     if mode == "slide" and (len(crop) != 2 or len(stride) != 2):
         raise ValueError(f"slide inference needs crop and stride as (H, W); got crop={crop}, stride={stride}")
@@ -132,9 +134,11 @@ def infer_logits(
             logits = logits.flip(-1)
         if len(views) == 1:
             return logits
-        probs = logits.softmax(1)
+        probs = logits.sigmoid() if multilabel else logits.softmax(1)
         prob_sum = probs if prob_sum is None else prob_sum.add_(probs)
     assert prob_sum is not None
+    if multilabel:
+        return torch.logit(prob_sum / len(views), eps=1e-7)
     # The floor keeps a probability that underflowed to 0 from becoming an infinite loss.
     return (prob_sum / len(views)).clamp_min_(torch.finfo(torch.float32).tiny).log_()
 
@@ -159,7 +163,7 @@ def _is_plain(cfg: EvalConfig) -> bool:
 @torch.no_grad()
 def eval_logits(
     model: nn.Module, images: torch.Tensor, *, cfg: EvalConfig, num_classes: int, size_divisor: int,
-    valid_hw: Sequence[tuple[int, int]],
+    valid_hw: Sequence[tuple[int, int]], multilabel: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """`infer_logits` with the ``eval`` section on a batch the eval transform padded bottom/right.
 
@@ -177,7 +181,7 @@ def eval_logits(
     def infer(region: torch.Tensor) -> torch.Tensor:
         return infer_logits(model, region, num_classes=num_classes, mode=cfg.mode, crop=cfg.crop, stride=cfg.stride,
                             flip=cfg.flip, scales=cfg.scales, batch_windows=cfg.batch_windows,
-                            size_divisor=size_divisor)  # fmt: skip
+                            size_divisor=size_divisor, multilabel=multilabel)  # fmt: skip
 
     groups: dict[tuple[int, int], list[int]] = {}
     for index, size in enumerate(valid_hw):

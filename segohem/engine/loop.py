@@ -26,8 +26,9 @@ from segohem.engine.distributed import all_reduce_device, get_world_size, is_mai
 from segohem.engine.inference import eval_logits, valid_sizes, working_size_of
 from segohem.engine.panels import bank_rows, fixed_indices, prediction_panels
 from segohem.engine.run import Progress, TrainingRun
-from segohem.metrics import ConfusionMatrix, format_table
+from segohem.metrics import ConfusionMatrix, MultiLabelConfusion, format_table
 from segohem.mining import CROP_KINDS, choose_candidates
+from segohem.ohem import PackedMultiLabel, unpack_labels
 from segohem.tracking import Logger
 from segohem.visualize import EpochVisuals
 
@@ -143,9 +144,12 @@ def _micro_batch(run: TrainingRun, model: nn.Module, batch: dict[str, Any], *, g
     # Host sync per micro-batch: a non-finite loss must not reach the dictionary either.
     loss_finite = bool(torch.isfinite(result.loss))
     if run.bank is not None and loss_finite:
+        target, pred = masks, logits.detach().argmax(1)
+        if isinstance(run.loss_fn, PackedMultiLabel):  # (N, K, H, W): a decision per pixel and class
+            target, pred = run.loss_fn.unpack(masks), logits.detach() > 0
         run.bank.update(
             sample_ids=batch["sample_id"], hard_mask=result.hard_mask, pixel_loss=result.pixel_loss,
-            target=masks, pred=logits.detach().argmax(1), epoch=run.progress.epoch,
+            target=target, pred=pred, epoch=run.progress.epoch,
             source_yx=batch["source_yx"].to(device, non_blocking=True), source_hw=batch["source_hw"],
         )  # fmt: skip
     group.losses.append(result.loss.detach())
@@ -234,7 +238,8 @@ def evaluate(
     eval_cfg: EvalConfig | None = None, pad_divisor: int = 1, working_size: tuple[int, int] | None = None,
     amp: str = "none", progress: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """Confusion-matrix metrics over ``loader`` (see `ConfusionMatrix.compute`).
+    """Confusion-matrix metrics over ``loader`` (see `ConfusionMatrix.compute`; multi-label
+    classes: `MultiLabelConfusion.compute`, a class present where its logit is above 0).
 
     Logits come from `eval_logits` with ``eval_cfg`` (None: whole padded images), model inputs
     padded to ``pad_divisor`` (``augment.pad_divisor``); ``working_size`` is ``data.resize``
@@ -242,14 +247,24 @@ def evaluate(
     """
     model.eval()
     eval_cfg = eval_cfg or EvalConfig()
-    confusion = ConfusionMatrix(classes.num_classes, ignore_index=classes.ignore_index)
+    confusion: ConfusionMatrix | MultiLabelConfusion
+    if classes.multilabel:
+        confusion = MultiLabelConfusion(classes.num_classes, ignore_index=classes.ignore_index)
+    else:
+        confusion = ConfusionMatrix(classes.num_classes, ignore_index=classes.ignore_index)
     for batch in tqdm(loader, desc="eval", disable=not (progress and is_main_process()), leave=False):
         images = batch["image"].to(device, non_blocking=True)
         valid_hw = valid_sizes(batch["source_hw"], working_size)
         with autocast_context(device, amp):
             logits = eval_logits(model, images, cfg=eval_cfg, num_classes=classes.num_classes,
-                                 size_divisor=pad_divisor, valid_hw=valid_hw)  # fmt: skip
-        confusion.update(logits.argmax(1), batch["mask"].to(device))
+                                 size_divisor=pad_divisor, valid_hw=valid_hw,
+                                 multilabel=classes.multilabel)  # fmt: skip
+        mask = batch["mask"].to(device)
+        if classes.multilabel:
+            confusion.update(logits > 0, unpack_labels(mask, num_classes=classes.num_classes,
+                                                       ignore_index=classes.ignore_index))  # fmt: skip
+        else:
+            confusion.update(logits.argmax(1), mask)
     confusion.all_reduce()
     return confusion.compute()
 
@@ -263,10 +278,11 @@ def epoch_record(train_stats: dict[str, float], val: dict[str, Any] | None, name
 
 
 def epoch_visuals(run: TrainingRun, loaders: Loaders, confusion: list[list[int]]) -> EpochVisuals:
-    """Predictions on fixed validation images, the confusion matrix and the dictionary's hardest rows."""
-    train_cfg, val_set = run.config.train, loaders.val.dataset
+    """Predictions on fixed validation images, the confusion matrix and the dictionary's hardest rows
+    (multi-label classes: the dictionary's rows only; panels and the matrix picture one class per pixel)."""
+    train_cfg, val_set, multilabel = run.config.train, loaders.val.dataset, run.classes.multilabel
     panels = []
-    if train_cfg.num_panels > 0 and isinstance(val_set, SegmentationDataset):
+    if train_cfg.num_panels > 0 and isinstance(val_set, SegmentationDataset) and not multilabel:
         indices = fixed_indices(len(val_set), num=train_cfg.num_panels, seed=run.config.run.seed)
         panels = prediction_panels(model=run.model, dataset=val_set, indices=indices, loss_fn=run.loss_fn,
                                    device=run.device, eval_cfg=run.config.eval,
@@ -275,7 +291,7 @@ def epoch_visuals(run: TrainingRun, loaders: Loaders, confusion: list[list[int]]
     rows = []
     if run.bank is not None and train_cfg.num_bank_rows > 0 and isinstance(train_set, SegmentationDataset):
         rows = bank_rows(run.bank, train_set, class_names=run.classes.names, top=train_cfg.num_bank_rows)
-    return EpochVisuals(panels, np.asarray(confusion, np.int64), rows)
+    return EpochVisuals(panels, None if multilabel else np.asarray(confusion, np.int64), rows)
 
 
 def check_finite_weights(model: nn.Module, *, epoch: int) -> None:

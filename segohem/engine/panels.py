@@ -81,7 +81,15 @@ def _top_confusion(stats: SampleStats, class_names: tuple[str, ...]) -> str:
     """The "true -> predicted (hard pixels)" of the image's most frequent confusion, "-" if none.
 
     Ties go to the smallest flat index true * C + pred, as an argmax over the dense matrix would.
+    Multi-label: "class missed (n)" or "class false positive (n)", the most frequent wrong decision.
     """
+    if stats.multilabel:
+        wrong = np.flatnonzero((stats.confusion_pairs % 4 == 1) | (stats.confusion_pairs % 4 == 2))
+        if not len(wrong):
+            return "-"
+        top = wrong[int(stats.confusion_counts[wrong].argmax())]
+        pair, count = int(stats.confusion_pairs[top]), int(stats.confusion_counts[top])
+        return f"{class_names[pair // 4]} {'missed' if pair % 4 == 2 else 'false positive'} ({count})"
     true_ids, pred_ids = np.divmod(stats.confusion_pairs, stats.num_classes)
     wrong = np.flatnonzero((true_ids != pred_ids) & (stats.confusion_counts > 0))  # sorted, as the dense argmax
     if not len(wrong):

@@ -33,7 +33,7 @@ from segohem.engine.distributed import get_world_size, launched_by_torchrun
 from segohem.engine.optim import build_optimizer, build_scheduler, load_optimizer_state
 from segohem.losses import OhemRegionLoss, SegmentationLoss
 from segohem.model import build_model, load_model_state
-from segohem.ohem import OhemBinaryCrossEntropy, OhemCrossEntropy, TwoClassAsBinary
+from segohem.ohem import OhemBinaryCrossEntropy, OhemCrossEntropy, PackedMultiLabel, TwoClassAsBinary
 from segohem.refine import class_weights_from_bank
 
 # Version 2: tensors and plain containers only (loadable with weights_only=True), a
@@ -72,7 +72,18 @@ def build_loss(cfg: Config, *, refine_bank: HardPixelBank | None = None) -> Segm
         class_weight = class_weight * class_weights_from_bank(refine_bank, power=cfg.refine.class_weight_power)
         named = zip(info.names, class_weight, strict=True)
         print("class weights from the dictionary:", ", ".join(f"{name} {w:.2f}" for name, w in named))
-    loss: OhemCrossEntropy | TwoClassAsBinary
+    loss: OhemCrossEntropy | TwoClassAsBinary | PackedMultiLabel
+    if info.multilabel:  # the config refuses what assumes one class per pixel (config._validate_multilabel)
+        if ohem.mode != "none" and ohem.neg_ratio <= 0:
+            raise ConfigError(
+                "data.mask_format=multilabel mines each class's positives and negatives apart: set ohem.neg_ratio "
+                "(the hardest negatives kept per kept positive, e.g. ohem.neg_ratio=3), or ohem.mode=none"
+            )
+        binary = OhemBinaryCrossEntropy(
+            mode=ohem.mode, thresh=ohem.thresh, min_kept=ohem.min_kept, top_k=ohem.top_k,  # type: ignore[arg-type]
+            neg_ratio=ohem.neg_ratio, min_neg=ohem.min_neg, ignore_index=info.ignore_index,  # type: ignore[arg-type]
+        )  # fmt: skip
+        return PackedMultiLabel(binary, num_classes=info.num_classes)
     if ohem.neg_ratio > 0:
         loss = _binary_loss(cfg, info)
     else:
@@ -175,7 +186,8 @@ class TrainingRun:
             total_steps = min(total_steps, cfg.train.max_steps)
         bank = None
         if cfg.bank.enabled:
-            bank = HardPixelBank(info.num_classes, cell_size=cfg.bank.cell_size, momentum=cfg.bank.momentum)
+            bank = HardPixelBank(info.num_classes, cell_size=cfg.bank.cell_size, momentum=cfg.bank.momentum,
+                                 multilabel=info.multilabel)  # fmt: skip
         return cls(
             config=cfg, classes=info, device=device, model=model,
             loss_fn=build_loss(cfg, refine_bank=refine_bank).to(device), optimizer=optimizer,
