@@ -280,3 +280,9 @@ def test_training_on_multilabel_masks_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(["mine", "--checkpoint", str(run_dir / "last.pt")]) == 2
     assert "trained on multi-label masks" in capsys.readouterr().err
+    # the dictionary drives a refinement stage: images by hardness, crops on hard cells, pixel weights
+    refine = ["refine.sampler=image", "refine.hard_crop_prob=0.5", "refine.pixel_weight=1"]
+    assert main(["refine", "--run", str(run_dir), "--checkpoint", str(run_dir / "last.pt"), "run.name=ml-refine",
+                 "train.epochs=5", *refine]) == 0  # fmt: skip
+    refined = load_bank(tmp_path / "ml-refine" / "hard_pixels.sqlite")
+    assert refined.multilabel and {3, 4} <= refined.epochs.keys()
