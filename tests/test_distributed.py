@@ -108,6 +108,9 @@ def test_kill_and_resume_under_torchrun_continues_exactly(tmp_path, extra):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     bank_a, bank_b = load_bank(tmp_path / "straight" / "hard_pixels.sqlite"), load_bank(killed / "hard_pixels.sqlite")
     assert {k: s.seen for k, s in bank_a.samples.items()} == {k: s.seen for k, s in bank_b.samples.items()}
+    if extra:  # the logged crop shares count both ranks' crops: 16 draws an epoch, 8 on each rank
+        epochs = [json.loads(line) for line in (tmp_path / "straight" / "epochs.jsonl").read_text().splitlines()]
+        assert [row["train/crops"] for row in epochs] == [16, 16, 16]
 
 
 def test_gradient_accumulation_under_torchrun_steps_once_per_group(tmp_path):

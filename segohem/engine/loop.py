@@ -225,7 +225,12 @@ def train_one_epoch(run: TrainingRun, loader: DataLoader[Any], *, logger: Logger
             break
     count = max(1, int(totals["steps"]))
     stats = {"train/loss": totals["loss"] / count, "train/kept_fraction": totals["kept_fraction"] / count}
+    if get_world_size() > 1:  # every rank's crops (all ranks take the same number of batches)
+        counts = torch.cat([crop_kinds, torch.tensor([pasted])]).to(all_reduce_device())
+        torch.distributed.all_reduce(counts)
+        crop_kinds, pasted = counts[:-1].cpu(), int(counts[-1])
     if crop_kinds.sum() > 0:
+        stats["train/crops"] = int(crop_kinds.sum())
         for kind, number in zip(CROP_KINDS[1:], crop_kinds[1:].tolist(), strict=True):
             stats[f"train/{kind}_crops"] = number / int(crop_kinds.sum())
         stats["train/pasted_crops"] = pasted / int(crop_kinds.sum())
