@@ -101,6 +101,8 @@ class LocalLogger(NullLogger):
     def log_visuals(self, visuals: EpochVisuals, *, epoch: int, step: int) -> None:
         if self.classes is None:
             return
+        if not visuals.panels and visuals.confusion is None:
+            return
         folder = self.run_dir / "viz" / f"epoch{epoch:03d}"
         folder.mkdir(parents=True, exist_ok=True)
         names, palette, ignore = self.classes.names, self.classes.palette, self.classes.ignore_index

@@ -90,8 +90,12 @@ def test_pack_then_unpack_round_trips_and_picks_the_smallest_dtype():
     assert (unpacked.numpy() == expected).all()
     wide = pack_multilabel([masks[0]] * 9, ignore_index=65535)
     assert wide.dtype == np.uint16 and wide.max() in (0, 511)
-    with pytest.raises(ValueError, match="ignore_index 255 is a packed value of 8 classes"):
+    with pytest.raises(ValueError, match=r"ignore id 255 is not above the packed values of 8 classes \(0\.\.255\)"):
         pack_multilabel([masks[0]] * 8)
+    with pytest.raises(ValueError, match="16 classes: a 16-bit label map packs 1 to 15"):
+        pack_multilabel([masks[0]] * 16, ignore_index=65535)
+    with pytest.raises(ValueError, match="ignore id -1"):
+        pack_multilabel([masks[0]], ignore_index=-1)
     with pytest.raises(ValueError, match="differ in size"):
         pack_multilabel([masks[0], np.zeros((2, 2), bool)])
 
@@ -113,6 +117,30 @@ def test_pack_script_writes_the_label_maps_training_reads(tmp_path):
     assert (cv2.imread(str(tmp_path / "out" / "b.png"), cv2.IMREAD_UNCHANGED) == 1).all()
 
 
+def test_pack_script_refuses_bad_inputs_before_writing_anything(tmp_path):
+    def pack(*extra):
+        script = ROOT / "scripts" / "pack_multilabel.py"
+        command = [sys.executable, str(script), str(tmp_path / "masks"), str(tmp_path / "new"), *extra]
+        return subprocess.run(command, capture_output=True, text=True)
+
+    for name in ("a", "b"):
+        (tmp_path / "masks" / name).mkdir(parents=True)
+        cv2.imwrite(str(tmp_path / "masks" / name / "x.png"), np.zeros((4, 4), np.uint8))
+    done = pack("--classes", "a", "b", "--ignore", str(tmp_path / "typo"))
+    assert done.returncode == 2 and f"no folder {tmp_path / 'typo'}" in done.stderr
+    done = pack("--classes", *"abcdefghijklmnop", "--ignore-index", "65535")
+    assert done.returncode == 2 and "16 classes: a 16-bit label map packs 1 to 15" in done.stderr
+    cv2.imwrite(str(tmp_path / "masks" / "a" / "y.png"), np.zeros((4, 4), np.uint8))
+    cv2.imwrite(str(tmp_path / "masks" / "b" / "y.png"), np.zeros((5, 4), np.uint8))
+    done = pack("--classes", "a", "b")
+    assert done.returncode == 1 and "the masks of y differ in size" in done.stderr
+    assert f"{tmp_path / 'masks' / 'b' / 'y.png'} 5x4" in done.stderr
+    cv2.imwrite(str(tmp_path / "masks" / "b" / "y.png"), np.zeros((4, 4, 3), np.uint8))
+    done = pack("--classes", "a", "b")
+    assert done.returncode == 1 and "y.png" in done.stderr and "must be a single-channel image" in done.stderr
+    assert not (tmp_path / "new").exists()  # x.png was fine, but nothing is written before every stem is
+
+
 def test_config_checks_classes_ignore_id_and_what_assumes_one_class_per_pixel():
     base = ["data.kind=folder", "data.root=x", "data.mask_format=multilabel"]
     names8 = "data.class_names=[a,b,c,d,e,f,g,h]"
@@ -129,6 +157,8 @@ def test_config_checks_classes_ignore_id_and_what_assumes_one_class_per_pixel():
             load_config(None, [*base, NAMES, override])
     with pytest.raises(ConfigError, match=r"data\.mask_format=multilabel reads data\.kind=folder"):
         load_config(None, ["data.kind=camvid", "data.root=x", "data.mask_format=multilabel"])
+    with pytest.raises(ConfigError, match=r"data\.ignore_index -1: data\.mask_format=multilabel masks are unsigned"):
+        class_info(load_config(None, [*base, NAMES, "data.ignore_index=-1"]).data)
     with pytest.raises(ConfigError, match=r"set ohem\.neg_ratio"):
         build_loss(load_config(None, [*base, NAMES, "ohem.mode=topk"]))
     loss = build_loss(load_config(None, [*base, NAMES, "ohem.mode=topk", "ohem.neg_ratio=3"]))
@@ -143,6 +173,25 @@ def test_a_mask_with_a_bit_beyond_the_classes_is_an_error_naming_the_file(tmp_pa
     assert dataset[0]["mask"].max() == IGNORE
     with pytest.raises(DatasetError, match=r"trainannot/1\.png: label values \[6\] set bits beyond the 2 classes"):
         dataset[1]
+
+
+def test_training_without_neg_ratio_stops_before_making_the_run_folder(tmp_path, capsys):
+    write_dataset(tmp_path / "data", train=2, val=1)
+    args = [arg for arg in multilabel_args(tmp_path) if not arg.startswith("ohem.neg_ratio")]
+    assert main(["train", *args]) == 2
+    assert "set ohem.neg_ratio" in capsys.readouterr().err and not (tmp_path / "ml").exists()
+
+
+def test_padding_with_a_negative_ignore_id_stays_ignored_in_an_unsigned_mask(tmp_path):
+    """A uint8 label map padded with ignore id -1 would read the padding as class 0."""
+    (tmp_path / "train").mkdir()
+    (tmp_path / "trainannot").mkdir()
+    cv2.imwrite(str(tmp_path / "train" / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "trainannot" / "a.png"), np.ones((8, 8), np.uint8))
+    cfg = load_config(None, ["data.kind=folder", f"data.root={tmp_path}", "data.class_names=[a,b]",
+                             "data.ignore_index=-1", "augment.crop=[12,12]", "augment.hflip=0"])  # fmt: skip
+    mask = build_dataset(cfg.data, cfg.augment, split="train", train=True, seed=0)[0]["mask"]
+    assert (mask == 1).sum() == 64 and (mask == -1).sum() == mask.numel() - 64  # crop and pad_divisor padding
 
 
 # --- loss, metrics, inference ------------------------------------------------------------------
@@ -266,6 +315,7 @@ def test_training_on_multilabel_masks_end_to_end(tmp_path, capsys):
     # negatives: 3 per kept positive, or the 1% minimum (rounded up) per image and class, over 2 epochs
     assert 0 < negatives <= 3 * positives.sum() + (0.01 * 32 * 32 + 1) * 8 * 2 * 2
     assert checkpoint_bank(load_checkpoint(run_dir / "last.pt"), source=run_dir / "last.pt").multilabel
+    assert not (run_dir / "viz").exists()  # nothing is drawn per epoch for multi-label classes (yet)
     # the run resumes, evaluates and predicts as multi-label; mine draws one class per pixel
     assert main(["train", "--resume", str(run_dir), "train.epochs=3"]) == 0
     assert json.loads((run_dir / "epochs.jsonl").read_text().splitlines()[-1])["epoch"] == 3
@@ -286,3 +336,10 @@ def test_training_on_multilabel_masks_end_to_end(tmp_path, capsys):
                  "train.epochs=5", *refine]) == 0  # fmt: skip
     refined = load_bank(tmp_path / "ml-refine" / "hard_pixels.sqlite")
     assert refined.multilabel and {3, 4} <= refined.epochs.keys()
+    # a store of another kind does not drive it
+    single = tmp_path / "single.sqlite"
+    save_bank(HardPixelBank(2), single, class_names=["square", "bar"], epoch=0)
+    capsys.readouterr()
+    assert main(["refine", "--run", str(run_dir), "--checkpoint", str(run_dir / "last.pt"), "--bank", str(single),
+                 "run.name=ml-refine-2", "train.epochs=5", *refine]) == 2  # fmt: skip
+    assert f"refine.bank {single} is a single-label store of 2 classes" in capsys.readouterr().err

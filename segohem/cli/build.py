@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from segohem.bank import HardPixelBank
 from segohem.bank_store import load_bank
-from segohem.config import Config, ConfigError, RefineConfig
+from segohem.config import Config, ConfigError
 from segohem.data import build_dataset, class_info, collate_samples
 from segohem.data.datasets import SegmentationDataset
 from segohem.data.samplers import EpochShuffleSampler
@@ -84,10 +84,21 @@ def eval_dataset(loader: DataLoader[Any]) -> SegmentationDataset:
     return dataset
 
 
-def load_refine_bank(refine: RefineConfig, checkpoint: dict[str, Any]) -> HardPixelBank:
-    """The bank that drives a refinement stage: a mined store, or the init checkpoint's own bank."""
+def load_refine_bank(cfg: Config, checkpoint: dict[str, Any]) -> HardPixelBank:
+    """The bank that drives a refinement stage: a mined store (of ``cfg``'s kind and classes), or
+    the init checkpoint's own bank."""
+    refine = cfg.refine
     if refine.bank:
-        return load_bank(refine.bank)
+        store = load_bank(refine.bank)
+        info = class_info(cfg.data)
+        kind = "multi-label" if store.multilabel else "single-label"
+        if store.multilabel != info.multilabel or store.num_classes != info.num_classes:
+            raise ConfigError(
+                f"refine.bank {refine.bank} is a {kind} store of {store.num_classes} classes, but refine.init "
+                f"{refine.init} is refined on {'multi-label' if info.multilabel else 'single-label'} masks of "
+                f"{info.num_classes} classes; pass a store mined or trained on this data"
+            )
+        return store
     bank = checkpoint_bank(checkpoint, source=Path(refine.init))
     if bank is None:
         raise ConfigError(

@@ -55,7 +55,7 @@ def run_check_data(cfg: Config, *, split: str, fmt: str, workers: int | None) ->
 
 def _classes(report: SplitReport, info: ClassInfo) -> list[dict[str, Any]]:
     total, num_pairs = max(report.total_pixels, 1), max(report.num_pairs, 1)
-    weights = report.class_weights()
+    weights = [None] * info.num_classes if info.multilabel else report.class_weights()  # a softmax's weights
     return [
         {"id": i, "name": name, "pixels": int(report.class_pixels[i]), "share": report.class_pixels[i] / total,
          "images": int(report.class_images[i]), "presence": report.class_images[i] / num_pairs, "weight": weights[i]}
@@ -84,6 +84,7 @@ def report_dict(cfg: Config, info: ClassInfo, reports: list[SplitReport], *, sec
             "root": cfg.data.root,
             "class_names": list(info.names),
             "ignore_index": info.ignore_index,
+            "mask_format": cfg.data.mask_format,
         },
         "seconds": round(seconds, 3),
         "errors": errors,
@@ -123,7 +124,7 @@ def _problem_lines(report: SplitReport) -> list[str]:
 def _class_lines(report: SplitReport, info: ClassInfo) -> list[str]:
     lines = [f"  {'class':<16}{'pixels':>12}{'share':>9}{'images':>8}{'presence':>10}{'weight':>8}"]
     for row in _classes(report, info):
-        weight = f"{row['weight']:.3f}" if row["weight"] is not None else "absent"
+        weight = f"{row['weight']:.3f}" if row["weight"] is not None else "absent" if not row["images"] else "-"
         lines.append(f"  {row['name'][:15]:<16}{row['pixels']:>12}{row['share']:>9.2%}{row['images']:>8}"
                      f"{row['presence']:>10.1%}{weight:>8}")  # fmt: skip
     lines.append(f"  ignored (id {info.ignore_index}): {report.ignore_pixels / report.total_pixels:.2%} of pixels")

@@ -16,7 +16,7 @@ from segohem.config import Config, ConfigError, config_to_dict, save_config
 from segohem.engine.checkpoint import load_checkpoint, remove_stale_temporaries
 from segohem.engine.distributed import close_distributed, init_distributed, is_main_process
 from segohem.engine.loop import BANK_FILE, Loaders, fit, seed_everything
-from segohem.engine.run import Progress, TrainingRun
+from segohem.engine.run import Progress, TrainingRun, build_loss
 from segohem.engine.run_folder import lock_run_folder
 from segohem.plots import save_run_plots
 from segohem.tracking import LocalLogger, Logger, MultiLogger, NullLogger
@@ -37,6 +37,7 @@ def run_train(cfg: Config, *, resume_from: Path | None) -> Progress:
             f"run folder {run_dir} already holds a run; resume it with `segohem train --resume {run_dir}` or pick "
             f"another run.name=..."
         )
+    build_loss(cfg)  # what the config alone does not rule out (e.g. ohem.neg_ratio) fails before the folder is made
     launch = init_distributed(cfg.run.device)
     try:
         with lock_run_folder(run_dir) if launch.rank == 0 else nullcontext():
@@ -113,7 +114,7 @@ def _build_run(cfg: Config, *, resume_from: Path | None) -> tuple[TrainingRun, L
         if problem:
             warnings.warn(f"{problem}; it will be rebuilt from the checkpoint's dictionary", stacklevel=2)
         # a refinement stage keeps being driven by the bank it started from (sampler, crops, weights)
-        refine_bank = load_refine_bank(cfg.refine, load_checkpoint(Path(cfg.refine.init))) if cfg.refine.init else None
+        refine_bank = load_refine_bank(cfg, load_checkpoint(Path(cfg.refine.init))) if cfg.refine.init else None
         loaders = build_loaders(cfg, refine_bank=refine_bank)
         run = TrainingRun.resume(cfg, resume_from / "last.pt", steps_per_epoch=_steps_per_epoch(cfg, loaders),
                                  refine_bank=refine_bank)  # fmt: skip
@@ -124,7 +125,7 @@ def _build_run(cfg: Config, *, resume_from: Path | None) -> tuple[TrainingRun, L
     elif cfg.refine.init:
         init = Path(cfg.refine.init)
         checkpoint = load_checkpoint(init)
-        refine_bank = load_refine_bank(cfg.refine, checkpoint)
+        refine_bank = load_refine_bank(cfg, checkpoint)
         loaders = build_loaders(cfg, refine_bank=refine_bank)
         run = TrainingRun.refine_from(cfg, checkpoint, source=init, bank=refine_bank,
                                       steps_per_epoch=_steps_per_epoch(cfg, loaders))  # fmt: skip

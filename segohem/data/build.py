@@ -5,6 +5,7 @@ from __future__ import annotations
 from segohem.config import AugmentConfig, ConfigError, DataConfig
 from segohem.data.datasets import PairedDataset, SegmentationDataset, SyntheticDataset
 from segohem.data.kinds import dataset_files, split_folders
+from segohem.data.labels import MAX_PACKED_CLASSES
 from segohem.data.presets import PRESETS, ClassInfo
 from segohem.data.transforms import build_eval_transform, build_train_transform
 
@@ -12,7 +13,6 @@ __all__ = ["SPLITS", "ClassInfo", "build_dataset", "class_info", "split_folders"
 
 SPLITS = ("train", "val", "test")  # the splits build_dataset knows; data.<split>_images/_masks name their folders
 BINARY_CLASSES = ("background", "foreground")  # data.mask_format=binary without data.class_names
-MAX_MULTILABEL_CLASSES = 15  # data.mask_format=multilabel: class bits of a 16-bit mask, 65535 left to ignore
 
 
 def class_info(cfg: DataConfig) -> ClassInfo:
@@ -48,12 +48,17 @@ def class_info(cfg: DataConfig) -> ClassInfo:
 
 def _multilabel_info(names: tuple[str, ...], palette: tuple[tuple[int, int, int], ...], ignore_index: int) -> ClassInfo:
     """Bit-packed multi-label masks: K classes use the label values 0 .. 2**K - 1, so the ignore id lies above."""
-    if len(names) > MAX_MULTILABEL_CLASSES:
+    if len(names) > MAX_PACKED_CLASSES:
         raise ConfigError(
             f"data.class_names: data.mask_format=multilabel packs one class per bit of a 16-bit mask, at most "
-            f"{MAX_MULTILABEL_CLASSES} classes (one value left for the ignore id); got {len(names)}"
+            f"{MAX_PACKED_CLASSES} classes (one value left for the ignore id); got {len(names)}"
         )
-    if 0 <= ignore_index < 2 ** len(names):
+    if ignore_index < 0:
+        raise ConfigError(
+            f"data.ignore_index {ignore_index}: data.mask_format=multilabel masks are unsigned, so padding could not "
+            f"write a negative ignore id; use {255 if len(names) < 8 else 65535}"
+        )
+    if ignore_index < 2 ** len(names):
         raise ConfigError(
             f"data.ignore_index {ignore_index} is a label value of data.mask_format=multilabel with {len(names)} "
             f"classes (values 0..{2 ** len(names) - 1} set class bits); use an ignore id of {2 ** len(names)} or "

@@ -170,7 +170,8 @@ class PairedDataset(SegmentationDataset):
                 f"{display_path(image_path)} is {image.shape[1]}x{image.shape[0]} (width x height)"
             )
         self.check_labels(mask, display_path(mask_path))
-        if np.iinfo(mask.dtype).max < self.ignore_index:  # room for the ignore id that padding writes
+        limits = np.iinfo(mask.dtype)
+        if not limits.min <= self.ignore_index <= limits.max:  # room for the ignore id that padding writes
             mask = mask.astype(_label_dtype(self.ignore_index))
         return image, mask
 

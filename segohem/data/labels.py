@@ -125,21 +125,33 @@ def read_binary_labels(path: Path) -> np.ndarray:
     return binary_ids(read_mask(path), where=display_path(path))
 
 
+MAX_PACKED_CLASSES = 15  # class bits of a 16-bit label map, with 65535 left for the ignore id
+
+
+def check_packing(num_classes: int, ignore_index: int) -> None:
+    """ValueError unless ``num_classes`` bits and ``ignore_index`` fit one 16-bit label map apart."""
+    if not 1 <= num_classes <= MAX_PACKED_CLASSES:
+        raise ValueError(f"{num_classes} classes: a 16-bit label map packs 1 to {MAX_PACKED_CLASSES} (one bit each)")
+    if not 2**num_classes <= ignore_index <= 65535:
+        raise ValueError(
+            f"ignore id {ignore_index} is not above the packed values of {num_classes} classes "
+            f"(0..{2**num_classes - 1}) within 16 bits; use {255 if num_classes < 8 else 65535}"
+        )
+
+
 def pack_multilabel(masks: list[np.ndarray | None], *, ignore: np.ndarray | None = None,
                     ignore_index: int = 255) -> np.ndarray:  # fmt: skip
     """One binary (H, W) mask per class (non-zero = present; None = absent) as the bit-packed
     label map of ``data.mask_format=multilabel``: bit k set where class k is present, and
     ``ignore_index`` where ``ignore`` is non-zero. uint8 when the values fit, else uint16.
 
-    Raises ValueError when the masks differ in size, or the ignore id is a packed value.
+    Raises ValueError (see `check_packing`) when the classes or the ignore id do not fit a
+    16-bit map, or the masks differ in size.
     """
+    check_packing(len(masks), ignore_index)
     shapes = {m.shape for m in masks if m is not None} | ({ignore.shape} if ignore is not None else set())
     if len(shapes) != 1:
         raise ValueError(f"the class masks of one image differ in size (H, W): {sorted(shapes)}")
-    if 0 <= ignore_index < 2 ** len(masks):
-        raise ValueError(
-            f"ignore_index {ignore_index} is a packed value of {len(masks)} classes; use >= {2 ** len(masks)}"
-        )
     dtype = np.uint8 if max(2 ** len(masks) - 1, ignore_index) <= 255 else np.uint16
     packed = np.zeros(shapes.pop(), dtype)
     for bit, mask in enumerate(masks):
