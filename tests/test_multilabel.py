@@ -2,6 +2,7 @@
 dictionary of hard positives and hard negatives per class."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -343,3 +344,23 @@ def test_training_on_multilabel_masks_end_to_end(tmp_path, capsys):
     assert main(["refine", "--run", str(run_dir), "--checkpoint", str(run_dir / "last.pt"), "--bank", str(single),
                  "run.name=ml-refine-2", "train.epochs=5", *refine]) == 2  # fmt: skip
     assert f"refine.bank {single} is a single-label store of 2 classes" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_keep_the_dictionary_of_one(tmp_path):
+    """Under torchrun each rank counts its shard; the merged per-class counts equal one process's."""
+    write_dataset(tmp_path / "data")
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    cli = ["-m", "segohem.cli", "train", "run.device=cpu"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", *cli]
+    args = [arg for arg in multilabel_args(tmp_path) if not arg.startswith(("run.name", "data.batch_size"))]
+    for command, name, batch in ((torchrun, "two", 2), ([sys.executable, *cli], "one", 4)):
+        done = subprocess.run([*command, *args, f"run.name={name}", f"data.batch_size={batch}"],
+                              env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+    one, two = load_bank(tmp_path / "one" / "hard_pixels.sqlite"), load_bank(tmp_path / "two" / "hard_pixels.sqlite")
+    assert two.multilabel and len(two.samples) == 8
+    for epoch in (0, 1):  # top-k of positives and positives per class do not depend on the model
+        assert one.epochs[epoch].hard.tolist() == two.epochs[epoch].hard.tolist()
+        assert one.epochs[epoch].valid.tolist() == two.epochs[epoch].valid.tolist()
+    assert {k: s.seen for k, s in one.samples.items()} == {k: s.seen for k, s in two.samples.items()}
