@@ -12,6 +12,15 @@ import torch
 from torch import Tensor
 
 
+def summed_over_processes(counts: Tensor) -> Tensor:
+    """``counts`` summed over every process under torch.distributed (itself otherwise), on the CPU."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return counts
+    summed = counts.to("cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(summed)
+    return summed.cpu()
+
+
 class ConfusionMatrix:
     """Integer (C, C) matrix; rows are ground truth, columns are predictions."""
 
@@ -27,11 +36,7 @@ class ConfusionMatrix:
         self.matrix += counts.reshape(self.num_classes, self.num_classes).cpu()
 
     def all_reduce(self) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-            matrix = self.matrix.to(device)
-            torch.distributed.all_reduce(matrix)
-            self.matrix = matrix.cpu()
+        self.matrix = summed_over_processes(self.matrix)
 
     def compute(self) -> dict[str, Any]:
         """Return miou, per-class iou and accuracy (NaN for absent classes), pixel and mean accuracy."""
@@ -73,11 +78,7 @@ class MultiLabelConfusion:
         self.matrix += counts.reshape(self.num_classes, 2, 2).cpu()
 
     def all_reduce(self) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-            matrix = self.matrix.to(device)
-            torch.distributed.all_reduce(matrix)
-            self.matrix = matrix.cpu()
+        self.matrix = summed_over_processes(self.matrix)
 
     def compute(self) -> dict[str, Any]:
         """The keys of `ConfusionMatrix.compute`; ``confusion`` is the (K, 2, 2) matrix as lists."""

@@ -79,11 +79,7 @@ def build_loss(cfg: Config, *, refine_bank: HardPixelBank | None = None) -> Segm
                 "data.mask_format=multilabel mines each class's positives and negatives apart: set ohem.neg_ratio "
                 "(the hardest negatives kept per kept positive, e.g. ohem.neg_ratio=3), or ohem.mode=none"
             )
-        binary = OhemBinaryCrossEntropy(
-            mode=ohem.mode, thresh=ohem.thresh, min_kept=ohem.min_kept, top_k=ohem.top_k,  # type: ignore[arg-type]
-            neg_ratio=ohem.neg_ratio, min_neg=ohem.min_neg, ignore_index=info.ignore_index,  # type: ignore[arg-type]
-        )  # fmt: skip
-        return PackedMultiLabel(binary, num_classes=info.num_classes)
+        return PackedMultiLabel(_sigmoid_ohem(cfg, info), num_classes=info.num_classes)
     if ohem.neg_ratio > 0:
         loss = _binary_loss(cfg, info)
     else:
@@ -104,7 +100,7 @@ def _binary_loss(cfg: Config, info: ClassInfo) -> TwoClassAsBinary:
     if info.num_classes != 2:
         raise ConfigError(
             f"ohem.neg_ratio mines positives and negatives of a two-class task; this data has {info.num_classes} "
-            f"classes (binary masks: data.mask_format=binary). Multi-label tasks: segohem.ohem.OhemBinaryCrossEntropy"
+            f"classes (binary masks: data.mask_format=binary; classes that overlap: data.mask_format=multilabel)"
         )
     if ohem.class_weight or ohem.class_min_kept or ohem.scope != "image" or cfg.refine.class_weight_power \
             or ohem.warmup_steps:  # fmt: skip
@@ -112,11 +108,16 @@ def _binary_loss(cfg: Config, info: ClassInfo) -> TwoClassAsBinary:
             "ohem.neg_ratio does not combine with ohem.class_weight, ohem.class_min_kept, ohem.scope=batch, "
             "ohem.warmup_steps or refine.class_weight_power"
         )
-    binary = OhemBinaryCrossEntropy(
+    return TwoClassAsBinary(_sigmoid_ohem(cfg, info))
+
+
+def _sigmoid_ohem(cfg: Config, info: ClassInfo) -> OhemBinaryCrossEntropy:
+    """The ``ohem`` section as positives and negatives mined apart under a sigmoid."""
+    ohem = cfg.ohem
+    return OhemBinaryCrossEntropy(
         mode=ohem.mode, thresh=ohem.thresh, min_kept=ohem.min_kept, top_k=ohem.top_k,  # type: ignore[arg-type]
         neg_ratio=ohem.neg_ratio, min_neg=ohem.min_neg, ignore_index=info.ignore_index,  # type: ignore[arg-type]
     )  # fmt: skip
-    return TwoClassAsBinary(binary)
 
 
 def check_format(path: Path, checkpoint: dict[str, Any]) -> None:
