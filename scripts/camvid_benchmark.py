@@ -90,6 +90,11 @@ FULL_METHODS: dict[str, list[str]] = {
     "paste": [*TOPK, "mining.paste_prob=0.5", "mining.start_epoch=2"],
     "combo-e": [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",
                 "ohem.class_min_kept=0.1", "mining.sampler=class", "mining.paste_prob=0.5"],
+    # recall weights (class weights from the share of each class's pixels the dictionary's
+    # previous epoch missed), alone and on top of combo-c
+    "recall": [*TOPK, "mining.class_weight_power=1", "mining.start_epoch=2"],
+    "combo-r": [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",
+                "ohem.class_min_kept=0.1", "mining.sampler=class", "mining.class_weight_power=1"],
 }  # fmt: skip
 PROTOCOLS = {"half": ("camvid.yaml", METHODS), "full": ("camvid_full.yaml", FULL_METHODS)}
 

@@ -106,6 +106,22 @@ class SampleStats:
 class EpochClassStats:
     hard: np.ndarray  # (C,) int64 hard pixels per true class
     valid: np.ndarray  # (C,) int64 valid pixels per true class
+    # (C,) int64 hard pixels of each true class predicted as another class (multi-label: hard
+    # decisions on pixels of the class predicted absent); None in banks saved before it was counted
+    missed: np.ndarray | None = None
+
+    @classmethod
+    def empty(cls, num_classes: int) -> EpochClassStats:
+        return cls(*(np.zeros(num_classes, np.int64) for _ in range(3)))
+
+    def missed_fraction(self) -> np.ndarray | None:
+        """(C,) share of each class's valid pixels that were hard and predicted wrong: about 1 -
+        the class's training recall (top-k and threshold OHEM keep nearly every misclassified
+        pixel); NaN for a class without valid pixels, None when ``missed`` was not counted."""
+        if self.missed is None:
+            return None
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.valid > 0, self.missed / np.maximum(self.valid, 1), np.nan)
 
 
 class _InFlight(NamedTuple):
@@ -319,11 +335,16 @@ class HardPixelBank:
             stats.ema_hard_loss = weight * stats.ema_hard_loss + (1 - weight) * hard_loss
             stats.seen += 1
             stats.last_epoch = update.epoch
-        history = self._epochs.setdefault(
-            update.epoch, EpochClassStats(np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64))
-        )
-        history.hard += confusion[:, :, 1].sum(axis=(0, 2)) if self.multilabel else confusion.sum(axis=(0, 2))
+        history = self._epochs.setdefault(update.epoch, EpochClassStats.empty(num_classes))
+        if self.multilabel:
+            history.hard += confusion[:, :, 1].sum(axis=(0, 2))
+            missed = confusion[:, :, 1, 0].sum(0)  # hard decisions on pixels of the class, called absent
+        else:
+            history.hard += confusion.sum(axis=(0, 2))
+            missed = confusion.sum(axis=(0, 2)) - np.einsum("ncc->c", confusion)
         history.valid += class_valid
+        if history.missed is not None:  # an epoch restored from a bank that did not count it stays unknown
+            history.missed += missed
 
     def state_dict(self) -> dict[str, Any]:
         """A snapshot: its arrays are copies, so later updates leave a saved or pending checkpoint alone."""

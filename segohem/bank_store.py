@@ -13,6 +13,8 @@ Schema (version 1); arrays are zlib-compressed blobs, everything else plain colu
                                                       multi-label stores instead: non-zero counts of
                                                       hard (pixel, class) decisions (0 / 1 presence)
     epoch_classes(epoch, class_id, class_name, hard_pixels, valid_pixels, hard_fraction)
+    epoch_missed(epoch, class_id, missed_pixels)      hard pixels of the class predicted as another
+                                                      (absent from stores written before it was counted)
     mined(sample_id TEXT PRIMARY KEY, height, width, kept_fraction, mean_hard_loss,
           hard_mask BLOB,                             np.packbits of the (H, W) bool mask
           loss_map BLOB)                              uint8 round(log1p(loss) * 32), (H, W)
@@ -59,6 +61,8 @@ CREATE TABLE IF NOT EXISTS sample_decisions(
 CREATE TABLE IF NOT EXISTS epoch_classes(
     epoch INTEGER, class_id INTEGER, class_name TEXT, hard_pixels INTEGER, valid_pixels INTEGER,
     hard_fraction REAL, PRIMARY KEY(epoch, class_id));
+CREATE TABLE IF NOT EXISTS epoch_missed(
+    epoch INTEGER, class_id INTEGER, missed_pixels INTEGER, PRIMARY KEY(epoch, class_id));
 CREATE TABLE IF NOT EXISTS mined(
     sample_id TEXT PRIMARY KEY, height INTEGER, width INTEGER, kept_fraction REAL, mean_hard_loss REAL,
     hard_mask BLOB, loss_map BLOB);
@@ -93,7 +97,8 @@ def _schema_columns() -> dict[str, list[str]]:
 
 
 TABLES = _schema_columns()
-OPTIONAL_TABLES = ("sample_decisions",)  # absent from stores written before multi-label banks; created on write
+# absent from stores written before multi-label banks / missed counts; created on write
+OPTIONAL_TABLES = ("sample_decisions", "epoch_missed")
 
 
 def _header_problem(path: Path) -> str | None:
@@ -241,6 +246,10 @@ def _bank_rows(bank: HardPixelBank, *, class_names: list[str] | tuple[str, ...],
         for e, h in sorted(bank.epochs.items())
         for c in range(bank.num_classes)
     ]
+    missed_rows = [
+        (e, c, int(h.missed[c])) for e, h in sorted(bank.epochs.items()) if h.missed is not None
+        for c in range(bank.num_classes)
+    ]  # fmt: skip
     meta = {
         "schema_version": SCHEMA_VERSION, "class_names": json.dumps(list(class_names)),
         "num_classes": bank.num_classes, "cell_size": bank.cell_size, "momentum": bank.momentum, "epoch": epoch,
@@ -248,16 +257,17 @@ def _bank_rows(bank: HardPixelBank, *, class_names: list[str] | tuple[str, ...],
     }  # fmt: skip
     meta_rows = [(k, str(v)) for k, v in meta.items()]
     return {"samples": sample_rows, "sample_confusion": confusion_rows, "sample_decisions": decision_rows,
-            "epoch_classes": epoch_rows, "meta": meta_rows}  # fmt: skip
+            "epoch_classes": epoch_rows, "epoch_missed": missed_rows, "meta": meta_rows}  # fmt: skip
 
 
 def _write_bank(db: sqlite3.Connection, rows: dict[str, list[Any]]) -> None:
-    for table in ("samples", "sample_confusion", "sample_decisions", "epoch_classes"):
+    for table in ("samples", "sample_confusion", "sample_decisions", "epoch_classes", "epoch_missed"):
         db.execute(f"DELETE FROM {table}")
     db.executemany("INSERT INTO samples VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows["samples"])
     db.executemany("INSERT INTO sample_confusion VALUES (?,?,?,?)", rows["sample_confusion"])
     db.executemany("INSERT INTO sample_decisions VALUES (?,?,?,?,?)", rows["sample_decisions"])
     db.executemany("INSERT INTO epoch_classes VALUES (?,?,?,?,?,?)", rows["epoch_classes"])
+    db.executemany("INSERT INTO epoch_missed VALUES (?,?,?)", rows["epoch_missed"])
     db.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", rows["meta"])
 
 
@@ -363,10 +373,20 @@ def load_bank(path: str | Path) -> HardPixelBank:
             sample.confusion_pairs = np.array([pair for pair, _ in entries], np.int32)
             sample.confusion_counts = np.array([pixels for _, pixels in entries], np.int64)
         for epoch, class_id, _, hard, valid, _ in db.execute("SELECT * FROM epoch_classes"):
-            stats = bank.epochs.setdefault(
-                epoch, EpochClassStats(np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64))
-            )
+            stats = bank.epochs.setdefault(epoch, EpochClassStats.empty(num_classes))
             stats.hard[class_id], stats.valid[class_id] = hard, valid
+        counted = {epoch: [] for epoch in bank.epochs}  # epochs without missed rows: not counted (older stores)
+        if _has_table(db, "epoch_missed"):
+            for epoch, class_id, missed in db.execute("SELECT * FROM epoch_missed"):
+                counted.setdefault(epoch, []).append((class_id, missed))
+        for epoch, entries in counted.items():
+            stats = bank.epochs.setdefault(epoch, EpochClassStats.empty(num_classes))
+            if not entries:
+                stats.missed = None
+            for class_id, missed in entries:
+                if not 0 <= class_id < num_classes:
+                    raise IndexError(f"missed-pixel entry of class {class_id} (epoch {epoch}) is outside the classes")
+                stats.missed[class_id] = missed  # type: ignore[index]
     return bank
 
 
@@ -379,6 +399,10 @@ def _read_confusions(db: sqlite3.Connection, num_classes: int) -> dict[str, list
             raise IndexError(f"confusion entry ({true_class}, {pred_class}) of {sample_id!r} is outside the classes")
         confusions.setdefault(sample_id, []).append((true_class * num_classes + pred_class, pixels))
     return confusions
+
+
+def _has_table(db: sqlite3.Connection, table: str) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name = ?", (table,)).fetchone() is not None
 
 
 def _read_decisions(db: sqlite3.Connection, num_classes: int) -> dict[str, list[tuple[int, int]]]:

@@ -288,6 +288,11 @@ class MiningConfig:
         "none", "none | image | class: draw training images by their hardness in the dictionary (see refine.sampler)"
     )
     sampler_floor: float = setting(0.3, "no image is drawn less than this fraction of the mean rate", ge=0.0, le=1.0)
+    class_weight_power: float = setting(
+        0.0, "recall weights: each epoch, the cross-entropy's class weights become the share of each class's "
+        "pixels the dictionary's latest epoch missed (hard and predicted wrong, about 1 - training recall) ** "
+        "this, mean 1, times ohem.class_weight (0: off)", ge=0.0, le=8.0,
+    )  # fmt: skip
 
     @property
     def places_crops(self) -> bool:
@@ -613,7 +618,7 @@ def _validate_multilabel(config: Config) -> None:
         "mining.hard_crop_prob / rare_crop_prob / paste_prob / candidates": mining.places_crops,
         "mining.sampler": mining.sampler != "none", "refine.sampler=class": refine.sampler == "class",
         "refine.class_weight_power": bool(refine.class_weight_power),
-        "model.refine_head": bool(config.model.refine_head),
+        "mining.class_weight_power": bool(mining.class_weight_power), "model.refine_head": bool(config.model.refine_head),
     }  # fmt: skip
     given = [key for key, on in single_label.items() if on]
     if given:
@@ -638,7 +643,7 @@ def _validate_mining(config: Config) -> None:
         )
     driven = [f"mining.{key}" for key, on in (("hard_crop_prob", mining.hard_crop_prob > 0),
               ("rare_crop_prob", mining.rare_crop_prob > 0), ("paste_prob", mining.paste_prob > 0),
-              ("sampler", mining.sampler != "none")) if on]  # fmt: skip
+              ("sampler", mining.sampler != "none"), ("class_weight_power", mining.class_weight_power > 0)) if on]  # fmt: skip
     if driven and not config.bank.enabled:
         raise ConfigError(f"{', '.join(driven)} is driven by the hard-pixel dictionary: set bank.enabled=true")
     if mining.candidates > 1 and config.ohem.scope != "image":

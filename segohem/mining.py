@@ -62,6 +62,30 @@ def rare_pixel_centre(
     return float(rows[pick]), float(cols[pick])
 
 
+def recall_weights(bank: HardPixelBank, *, power: float) -> np.ndarray | None:
+    """``mining.class_weight_power``'s class weights: the share of each class's pixels the
+    dictionary's latest epoch missed (`EpochClassStats.missed_fraction`, about 1 - the class's
+    training recall) ** ``power``, mean 1 over the classes it saw (at least 1e-3 before the power,
+    so a class learnt perfectly keeps a little weight); 1 for a class it did not see. None when
+    the dictionary holds no epoch yet, or its latest epoch was recorded before misses were counted.
+
+    Unlike the hard fraction (`segohem.refine.class_weights_from_bank`), which saturates near 1
+    for every thin class, the miss rate keeps falling for the classes the model is learning, so
+    the weight moves on to the ones it is not (in a street scene: poles after bicyclists).
+    """
+    if not bank.epochs:
+        return None
+    missed = bank.epochs[max(bank.epochs)].missed_fraction()
+    if missed is None:
+        return None
+    seen = ~np.isnan(missed)
+    weights = np.ones(bank.num_classes)
+    if seen.any():
+        weights[seen] = np.maximum(missed[seen], 1e-3) ** power
+        weights[seen] /= weights[seen].mean()
+    return weights
+
+
 class DictionaryCropDataset(Dataset[dict[str, Any]]):
     """Wraps the training dataset: crops placed by the dictionary (see the module docstring).
 

@@ -409,6 +409,18 @@ class OhemCrossEntropy(nn.Module):
         self.class_weight: Tensor | None
         weight = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
         self.register_buffer("class_weight", weight, persistent=False)
+        self.base_class_weight = None if weight is None else weight.clone()  # what `scale_class_weight` scales
+
+    def scale_class_weight(self, factor: Tensor | None) -> None:
+        """Class weights = the constructor's ``class_weight`` (1 where none) x ``factor`` ((C,),
+        e.g. recall weights from the dictionary); None restores the constructor's weights."""
+        if factor is None:
+            device = self.class_weight.device if self.class_weight is not None else None
+            self.class_weight = None if self.base_class_weight is None else self.base_class_weight.to(device)
+            return
+        factor = torch.as_tensor(factor, dtype=torch.float32)  # on the device the loss runs on
+        base = self.base_class_weight
+        self.class_weight = factor.clone() if base is None else base.to(factor.device) * factor
 
     def _check_labels(self, target: Tensor, valid_mask: Tensor, *, num_classes: int) -> None:
         """Refuse labels outside ``[0, C)`` that are not ``ignore_index`` (mmseg #1180)."""

@@ -316,12 +316,17 @@ def test_training_with_online_mining_is_seeded_and_resumes_exactly(tmp_path, mon
     overrides = [
         "augment.crop=[32,32]", "augment.scale=[0.75,1.5]", "mining.hard_crop_prob=0.4", "mining.rare_crop_prob=0.4",
         "mining.sampler=class", "mining.start_epoch=2", "train.epochs=3", "ohem.mode=topk", "ohem.class_min_kept=0.2",
-        "ohem.region_loss=dice", "mining.candidates=2", "mining.paste_prob=0.5", "wandb.mode=disabled",
+        "ohem.region_loss=dice", "mining.candidates=2", "mining.paste_prob=0.5", "mining.class_weight_power=1",
+        "wandb.mode=disabled",
     ]  # fmt: skip
     run_train(tiny_config(tmp_path / "a", *overrides), resume_from=None)
     whole = tmp_path / "a" / "tiny"
     records = [json.loads(line) for line in (whole / "epochs.jsonl").read_text().splitlines()]
     assert records[0]["train/hard_crops"] == records[0]["train/rare_crops"] == 0.0  # epoch 1: uniform
+    # recall weights from epoch 2 on, from the dictionary's epoch before, mean 1 over the classes seen
+    assert not any(key.startswith("train/class_weight/") for key in records[0])
+    weights = [[r[key] for key in r if key.startswith("train/class_weight/")] for r in records[1:]]
+    assert all(len(w) == 7 for w in weights) and weights[0] != weights[1] and len(set(weights[0])) > 1
     assert records[1]["train/hard_crops"] + records[1]["train/rare_crops"] > 0
     assert records[0]["train/pasted_crops"] == 0.0 and records[1]["train/pasted_crops"] > 0
     # interrupted after epoch 2, resumed for the third: the same crops, the same weights

@@ -96,4 +96,5 @@ def sync_bank(bank: HardPixelBank, *, epoch: int) -> None:
     bank.samples.update(merged)
     totals = [h for _, h in shared if h is not None]
     if totals:
-        bank.epochs[epoch] = EpochClassStats(sum(h.hard for h in totals), sum(h.valid for h in totals))
+        missed = None if any(h.missed is None for h in totals) else sum(h.missed for h in totals)
+        bank.epochs[epoch] = EpochClassStats(sum(h.hard for h in totals), sum(h.valid for h in totals), missed)

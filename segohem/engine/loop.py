@@ -27,8 +27,8 @@ from segohem.engine.inference import eval_logits, valid_sizes, working_size_of
 from segohem.engine.panels import bank_rows, fixed_indices, prediction_panels
 from segohem.engine.run import Progress, TrainingRun
 from segohem.metrics import ConfusionMatrix, MultiLabelConfusion, format_table
-from segohem.mining import CROP_KINDS, choose_candidates
-from segohem.ohem import PackedMultiLabel, unpack_labels
+from segohem.mining import CROP_KINDS, choose_candidates, recall_weights
+from segohem.ohem import OhemCrossEntropy, PackedMultiLabel, unpack_labels
 from segohem.tracking import Logger
 from segohem.visualize import EpochVisuals
 
@@ -329,6 +329,25 @@ def save_epoch(run: TrainingRun, *, run_dir: Path, record: dict[str, float], imp
             logger.log_artifact(run_dir / BANK_FILE, kind="hard-pixel-dictionary", aliases=aliases)
 
 
+def apply_recall_weights(run: TrainingRun, epoch: int) -> dict[str, float]:
+    """``mining.class_weight_power``: from ``mining.start_epoch`` on, set the cross-entropy's class
+    weights from the dictionary as it stands before ``epoch`` (`segohem.mining.recall_weights`),
+    identical on every rank and after a resume; returns them as ``train/class_weight/<class>``."""
+    mining = run.config.mining
+    if not (mining.class_weight_power > 0 and run.bank is not None and epoch + 1 >= mining.start_epoch):
+        return {}
+    loss = getattr(run.loss_fn, "ohem", run.loss_fn)  # OhemRegionLoss wraps the cross-entropy
+    if not isinstance(loss, OhemCrossEntropy):  # the config refuses sigmoid losses; a guard, not a path
+        raise TypeError(f"mining.class_weight_power weighs a softmax cross-entropy, not {type(loss).__name__}")
+    weights = recall_weights(run.bank, power=mining.class_weight_power)
+    if weights is None:
+        return {}
+    loss.scale_class_weight(torch.as_tensor(weights, dtype=torch.float32, device=run.device))
+    assert loss.class_weight is not None
+    return {f"train/class_weight/{name}": float(w) for name, w in zip(run.classes.names, loss.class_weight.tolist(),
+                                                                       strict=True)}  # fmt: skip
+
+
 def fit(run: TrainingRun, loaders: Loaders, *, run_dir: Path, logger: Logger) -> Progress:
     """Train from ``run.progress.epoch`` to ``train.epochs``, evaluating and checkpointing.
 
@@ -345,9 +364,11 @@ def fit(run: TrainingRun, loaders: Loaders, *, run_dir: Path, logger: Logger) ->
                 target.observe(run.bank, epoch)
             if hasattr(target, "set_epoch"):
                 target.set_epoch(epoch)
+        class_weights = apply_recall_weights(run, epoch)
         started = time.perf_counter()
         train_stats = train_one_epoch(run, loaders.train, logger=logger)
         train_stats["train/epoch_seconds"] = time.perf_counter() - started
+        train_stats.update(class_weights)
         progress = run.progress
         if run.bank is not None:
             sync_bank(run.bank, epoch=epoch)

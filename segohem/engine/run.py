@@ -103,10 +103,10 @@ def _binary_loss(cfg: Config, info: ClassInfo) -> TwoClassAsBinary:
             f"classes (binary masks: data.mask_format=binary; classes that overlap: data.mask_format=multilabel)"
         )
     if ohem.class_weight or ohem.class_min_kept or ohem.scope != "image" or cfg.refine.class_weight_power \
-            or ohem.warmup_steps:  # fmt: skip
+            or ohem.warmup_steps or cfg.mining.class_weight_power:  # fmt: skip
         raise ConfigError(
             "ohem.neg_ratio does not combine with ohem.class_weight, ohem.class_min_kept, ohem.scope=batch, "
-            "ohem.warmup_steps or refine.class_weight_power"
+            "ohem.warmup_steps, refine.class_weight_power or mining.class_weight_power"
         )
     return TwoClassAsBinary(_sigmoid_ohem(cfg, info))
 
