@@ -375,7 +375,8 @@ def load_bank(path: str | Path) -> HardPixelBank:
         for epoch, class_id, _, hard, valid, _ in db.execute("SELECT * FROM epoch_classes"):
             stats = bank.epochs.setdefault(epoch, EpochClassStats.empty(num_classes))
             stats.hard[class_id], stats.valid[class_id] = hard, valid
-        counted = {epoch: [] for epoch in bank.epochs}  # epochs without missed rows: not counted (older stores)
+        # epochs without missed rows were not counted (stores written before misses were)
+        counted: dict[int, list[tuple[int, int]]] = {epoch: [] for epoch in bank.epochs}
         if _has_table(db, "epoch_missed"):
             for epoch, class_id, missed in db.execute("SELECT * FROM epoch_missed"):
                 counted.setdefault(epoch, []).append((class_id, missed))

@@ -618,7 +618,8 @@ def _validate_multilabel(config: Config) -> None:
         "mining.hard_crop_prob / rare_crop_prob / paste_prob / candidates": mining.places_crops,
         "mining.sampler": mining.sampler != "none", "refine.sampler=class": refine.sampler == "class",
         "refine.class_weight_power": bool(refine.class_weight_power),
-        "mining.class_weight_power": bool(mining.class_weight_power), "model.refine_head": bool(config.model.refine_head),
+        "mining.class_weight_power": bool(mining.class_weight_power),
+        "model.refine_head": bool(config.model.refine_head),
     }  # fmt: skip
     given = [key for key, on in single_label.items() if on]
     if given:
@@ -643,7 +644,8 @@ def _validate_mining(config: Config) -> None:
         )
     driven = [f"mining.{key}" for key, on in (("hard_crop_prob", mining.hard_crop_prob > 0),
               ("rare_crop_prob", mining.rare_crop_prob > 0), ("paste_prob", mining.paste_prob > 0),
-              ("sampler", mining.sampler != "none"), ("class_weight_power", mining.class_weight_power > 0)) if on]  # fmt: skip
+              ("sampler", mining.sampler != "none"),
+              ("class_weight_power", mining.class_weight_power > 0)) if on]  # fmt: skip
     if driven and not config.bank.enabled:
         raise ConfigError(f"{', '.join(driven)} is driven by the hard-pixel dictionary: set bank.enabled=true")
     if mining.candidates > 1 and config.ohem.scope != "image":

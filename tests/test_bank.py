@@ -49,11 +49,14 @@ def test_update_arithmetic_by_hand():
     assert s.hard_positives().tolist() == [2, 1, 1] and s.hard_negatives().tolist() == [1, 2, 0]
     np.testing.assert_allclose(s.hardness, [[0.5, 0.25], [0.25, np.nan]])
     assert bank.epochs[0].hard.tolist() == [2, 1, 1] and bank.epochs[0].valid.tolist() == [4, 4, 4]
+    # missed: hard and predicted as another class, (0,1) a->b, (1,2) b->a, (2,0) c->b; (0,0) a->a is not
+    assert bank.epochs[0].missed.tolist() == [1, 1, 1]
+    np.testing.assert_allclose(bank.epochs[0].missed_fraction(), [0.25, 0.25, 0.25])
     # second observation: nothing hard; EMAs halve, cell sums decay by momentum
     update(bank, hard=torch.zeros_like(hard), loss=loss, target=target, pred=pred, epoch=1)
     assert s.seen == 2 and s.ema_kept_fraction == pytest.approx(2 / 12) and s.ema_hard_loss == pytest.approx(1.0)
     np.testing.assert_allclose(s.hardness, [[1 / 6, 0.5 / 6], [0.5 / 6, np.nan]])
-    assert bank.epochs[1].hard.tolist() == [0, 0, 0]
+    assert bank.epochs[1].hard.tolist() == [0, 0, 0] and bank.epochs[1].missed.tolist() == [0, 0, 0]
 
 
 def test_state_dict_round_trip(tmp_path):
@@ -71,6 +74,15 @@ def test_state_dict_round_trip(tmp_path):
         assert a.seen == b.seen and a.ema_hard_loss == b.ema_hard_loss
         assert np.array_equal(a.hard_acc, b.hard_acc) and np.array_equal(a.dense_confusion(), b.dense_confusion())
     assert np.array_equal(restored.epochs[0].hard, bank.epochs[0].hard)
+    assert np.array_equal(restored.epochs[0].missed, bank.epochs[0].missed) and bank.epochs[0].missed.sum() > 0
+    state = bank.state_dict()
+    state["epochs"][0].pop("missed")  # a checkpoint saved before misses were counted
+    restored.load_state_dict(state)
+    assert restored.epochs[0].missed is None
+    # more of that epoch: still not counted, rather than a partial count
+    update(restored, hard=torch.ones(1, 6, 6, dtype=torch.bool), loss=torch.ones(1, 6, 6), target=target[:1],
+           pred=target[:1], sample_ids=("p",))  # fmt: skip
+    assert restored.epochs[0].missed is None
 
 
 def test_known_hard_region_lands_in_the_right_cells_under_crop_scale_and_flip():
@@ -255,10 +267,10 @@ def reference_update(bank, *, sample_ids, hard_mask, pixel_loss, target, pred, s
         stats.ema_hard_loss = weight * stats.ema_hard_loss + (1 - weight) * hard_loss_sum / max(1, num_kept)
         stats.seen += 1
         stats.last_epoch = epoch
-        history = bank._epochs.setdefault(
-            epoch, EpochClassStats(np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64))
-        )
+        history = bank._epochs.setdefault(epoch, EpochClassStats.empty(num_classes))
         history.hard += np.bincount(true_class, minlength=num_classes)
+        wrong = true_class != pred[i].clamp(0, num_classes - 1).numpy()[hard]
+        history.missed += np.bincount(true_class[wrong], minlength=num_classes)
         history.valid += np.bincount(target[i].numpy()[valid], minlength=num_classes)
 
 
@@ -296,6 +308,7 @@ def assert_same_banks(actual, expected):
     for epoch, history in expected.epochs.items():
         assert np.array_equal(actual.epochs[epoch].hard, history.hard)
         assert np.array_equal(actual.epochs[epoch].valid, history.valid)
+        assert np.array_equal(actual.epochs[epoch].missed, history.missed)
 
 
 def test_batched_update_equals_the_per_image_reference():

@@ -22,6 +22,7 @@ from segohem.bank_store import (
     save_bank,
     save_mined,
 )
+from segohem.mining import recall_weights
 
 CLASSES = ("a", "b", "c")
 READERS = {
@@ -48,7 +49,8 @@ def big_bank(num_samples=300, *, seed=0):
         )  # fmt: skip
     for epoch in range(3):
         valid = gen.integers(100, 1000, 3)
-        bank.epochs[epoch] = EpochClassStats(hard=valid // 3, valid=valid)
+        # the last epoch as a bank restored from before misses were counted holds it: not counted
+        bank.epochs[epoch] = EpochClassStats(hard=valid // 3, valid=valid, missed=valid // 5 if epoch < 2 else None)
     return bank
 
 
@@ -72,6 +74,10 @@ def assert_same_bank(restored, bank):
     for epoch, history in bank.epochs.items():
         np.testing.assert_array_equal(restored.epochs[epoch].hard, history.hard)
         np.testing.assert_array_equal(restored.epochs[epoch].valid, history.valid)
+        if history.missed is None:
+            assert restored.epochs[epoch].missed is None
+        else:
+            np.testing.assert_array_equal(restored.epochs[epoch].missed, history.missed)
 
 
 def saved_store(folder: Path, *, name="hard_pixels.sqlite", bank=None) -> Path:
@@ -274,3 +280,17 @@ def test_stale_temp_files_are_removed_by_a_normal_save(tmp_path, recwarn):
     save_bank(big_bank(seed=4), path, class_names=CLASSES, epoch=3)
     assert not any(leftover.exists() for leftover in stale) and other.exists()
     assert not recwarn.list
+
+
+def test_a_store_written_before_missed_pixels_were_counted_reads_them_as_unknown(tmp_path):
+    path = tmp_path / "old.sqlite"
+    save_bank(big_bank(5), path, class_names=list(CLASSES), epoch=2)
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE epoch_missed")
+    db.close()
+    assert check_store(path) is None
+    restored = load_bank(path)
+    assert sorted(restored.epochs) == [0, 1, 2] and all(h.missed is None for h in restored.epochs.values())
+    assert recall_weights(restored, power=1.0) is None  # nothing to weigh by: the loop keeps its weights
+    save_bank(restored, path, class_names=list(CLASSES), epoch=2)  # and it is written back as it was
+    assert all(h.missed is None for h in load_bank(path).epochs.values())

@@ -15,6 +15,7 @@ from segohem.bank_store import load_bank
 from segohem.cli import main
 from segohem.data.synthetic import render_scene
 from segohem.engine.checkpoint import load_checkpoint
+from segohem.mining import recall_weights
 
 TINY = [
     "run.device=cpu", "data.num_train=16", "data.num_val=5", "data.image_size=[64,64]", "data.val_batch_size=2",
@@ -81,7 +82,7 @@ def ignored(num_val):
 MINING = [
     "augment.crop=[48,48]", "augment.scale=[0.75,1.25]", "mining.hard_crop_prob=0.4", "mining.rare_crop_prob=0.4",
     "mining.sampler=class", "mining.start_epoch=2", "ohem.mode=topk", "ohem.class_min_kept=0.1",
-    "mining.paste_prob=0.3",
+    "mining.paste_prob=0.3", "mining.class_weight_power=1",
 ]  # fmt: skip
 
 
@@ -111,6 +112,10 @@ def test_kill_and_resume_under_torchrun_continues_exactly(tmp_path, extra):
     if extra:  # the logged crop shares count both ranks' crops: 16 draws an epoch, 8 on each rank
         epochs = [json.loads(line) for line in (tmp_path / "straight" / "epochs.jsonl").read_text().splitlines()]
         assert [row["train/crops"] for row in epochs] == [16, 16, 16]
+        # the recall weights of epoch 3 come from epoch 2's misses summed over both ranks (the store's)
+        del bank_a.epochs[2]
+        names = [key for key in epochs[2] if key.startswith("train/class_weight/")]
+        np.testing.assert_allclose([epochs[2][key] for key in names], recall_weights(bank_a, power=1.0), rtol=1e-6)
 
 
 def test_gradient_accumulation_under_torchrun_steps_once_per_group(tmp_path):

@@ -16,12 +16,14 @@ from segohem.crops import cut_window
 from segohem.data import build_dataset
 from segohem.data.samplers import draw_seed, repeat_keys
 from segohem.data.transforms import build_train_transform
+from segohem.engine.run import build_loss
 from segohem.mining import (
     DictionaryCropDataset,
     DictionarySampler,
     choose_candidates,
     hard_cell_centre,
     rare_pixel_centre,
+    recall_weights,
 )  # fmt: skip
 from segohem.ohem import OhemCrossEntropy
 
@@ -310,6 +312,47 @@ def test_mining_config_errors_name_the_keys():
         load_config(None, ["mining.paste_prob=0.5", "augment.crop=[32,32]", "bank.enabled=false"])
     with pytest.raises(ConfigError, match=r"mining\.rare_power: 100\.0 is out of range"):
         load_config(None, ["mining.rare_power=100"])
+    with pytest.raises(ConfigError, match=r"mining\.class_weight_power is driven by the hard-pixel dictionary"):
+        load_config(None, ["mining.class_weight_power=1", "bank.enabled=false"])
+    with pytest.raises(ConfigError, match=r"ohem\.neg_ratio does not combine with .*mining\.class_weight_power"):
+        build_loss(load_config(None, ["mining.class_weight_power=1", "ohem.neg_ratio=3", "data.kind=folder",
+                                      "data.root=x", "data.class_names=[a,b]", "data.mask_format=binary"]))  # fmt: skip
+
+
+def test_recall_weights_follow_the_latest_epochs_missed_share():
+    bank = HardPixelBank(4)
+    assert recall_weights(bank, power=1.0) is None  # no epoch yet
+    valid = np.array([1000, 100, 10, 0])  # class 3 not seen
+    bank.epochs[0] = EpochClassStats(hard=valid // 2, valid=valid, missed=np.array([0, 0, 10, 0]))
+    bank.epochs[1] = EpochClassStats(hard=valid // 2, valid=valid, missed=np.array([10, 50, 9, 0]))
+    # latest epoch: missed shares 0.01, 0.5, 0.9 (class 3 unseen: weight 1), mean 1 over the seen
+    shares = np.array([0.01, 0.5, 0.9])
+    np.testing.assert_allclose(recall_weights(bank, power=1.0), [*(shares / shares.mean()), 1.0])
+    np.testing.assert_allclose(recall_weights(bank, power=2.0), [*(shares**2 / (shares**2).mean()), 1.0])
+    np.testing.assert_allclose(recall_weights(bank, power=0.0), [1, 1, 1, 1])
+    # a class learnt perfectly keeps a little weight; a hard fraction would not tell these apart
+    bank.epochs[2] = EpochClassStats(hard=valid // 2, valid=valid, missed=np.array([0, 50, 9, 0]))
+    weights = recall_weights(bank, power=1.0)
+    assert 0 < weights[0] < 0.01 and weights[2] > weights[1] > weights[0]
+    bank.epochs[3] = EpochClassStats(hard=valid // 2, valid=valid)  # restored from before misses were counted
+    assert recall_weights(bank, power=1.0) is None
+
+
+def test_scaled_class_weights_multiply_the_configured_ones_and_can_be_restored():
+    logits = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    target = torch.randint(0, 3, (2, 8, 8), generator=torch.Generator().manual_seed(1))
+    plain = OhemCrossEntropy(mode="none", ignore_index=255)
+    configured = OhemCrossEntropy(mode="none", ignore_index=255, class_weight=[1.0, 2.0, 1.0])
+    by_hand = OhemCrossEntropy(mode="none", ignore_index=255, class_weight=[0.5, 2.0 * 3.0, 1.0])
+    configured.scale_class_weight(torch.tensor([0.5, 3.0, 1.0]))
+    torch.testing.assert_close(configured(logits, target).loss, by_hand(logits, target).loss)
+    plain.scale_class_weight(torch.tensor([0.5, 6.0, 1.0]))  # no configured weights: the factor alone
+    torch.testing.assert_close(plain(logits, target).loss, by_hand(logits, target).loss)
+    configured.scale_class_weight(None)
+    torch.testing.assert_close(
+        configured(logits, target).loss,
+        OhemCrossEntropy(mode="none", ignore_index=255, class_weight=[1.0, 2.0, 1.0])(logits, target).loss,
+    )
 
 
 def test_training_with_online_mining_is_seeded_and_resumes_exactly(tmp_path, monkeypatch):

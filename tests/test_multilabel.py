@@ -152,7 +152,8 @@ def test_config_checks_classes_ignore_id_and_what_assumes_one_class_per_pixel():
         names16 = ",".join("c" * (i + 1) for i in range(16))
         class_info(load_config(None, [*base, f"data.class_names=[{names16}]"]).data)
     refused = {"ohem.class_min_kept=0.1": "ohem.class_min_kept", "ohem.region_loss=dice": "ohem.region_loss",
-               "ohem.class_weight=[1,2]": "ohem.class_weight", "model.refine_head=8": "model.refine_head"}  # fmt: skip
+               "ohem.class_weight=[1,2]": "ohem.class_weight", "model.refine_head=8": "model.refine_head",
+               "mining.class_weight_power=1": "mining.class_weight_power"}  # fmt: skip
     for override, key in refused.items():
         with pytest.raises(ConfigError, match=rf"{re.escape(key)}: not available with data.mask_format=multilabel"):
             load_config(None, [*base, NAMES, override])
