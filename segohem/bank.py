@@ -77,16 +77,16 @@ class SampleStats:
     def hard_positives(self) -> np.ndarray:
         """(C,) int64 hard pixels per true class (the confusion's row sums)."""
         if self.multilabel:
-            positive = (self.confusion_pairs // 2) % 2 == 1
-            return _class_sums(self.confusion_pairs[positive] // 4, self.confusion_counts[positive], self.num_classes)
+            class_ids, true, _ = split_decisions(self.confusion_pairs)
+            return _class_sums(class_ids[true == 1], self.confusion_counts[true == 1], self.num_classes)
         return _class_sums(self.confusion_pairs // self.num_classes, self.confusion_counts, self.num_classes)
 
     def hard_negatives(self) -> np.ndarray:
         """(C,) int64 hard pixels wrongly predicted as each class (column sums without the diagonal)."""
         if self.multilabel:
-            false_positive = self.confusion_pairs % 4 == 1  # true 0, predicted 1
-            return _class_sums(self.confusion_pairs[false_positive] // 4, self.confusion_counts[false_positive],
-                               self.num_classes)  # fmt: skip
+            class_ids, true, pred = split_decisions(self.confusion_pairs)
+            false_positive = (true == 0) & (pred == 1)
+            return _class_sums(class_ids[false_positive], self.confusion_counts[false_positive], self.num_classes)
         true_class, pred_class = np.divmod(self.confusion_pairs, self.num_classes)
         wrong = true_class != pred_class
         return _class_sums(pred_class[wrong], self.confusion_counts[wrong], self.num_classes)
@@ -100,6 +100,13 @@ class SampleStats:
         counts = np.zeros(len(pairs), np.int64)
         np.add.at(counts, where, np.concatenate([self.confusion_counts, confusion.ravel()[new_pairs]]))
         self.confusion_pairs, self.confusion_counts = pairs.astype(np.int32), counts
+
+
+def split_decisions(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A multi-label bank's flat indices (class * 2 + true) * 2 + predicted as (class, true,
+    predicted) arrays (true / predicted: 0 absent, 1 present)."""
+    pairs = np.asarray(pairs, np.int64)
+    return pairs // 4, (pairs // 2) % 2, pairs % 2
 
 
 @dataclass

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from segohem.bank import EpochClassStats, HardPixelBank, SampleStats
+from segohem.bank import EpochClassStats, HardPixelBank, SampleStats, split_decisions
 
 SCHEMA_VERSION = 1
 LOSS_SCALE = 32.0  # loss map quantization: uint8 = round(log1p(loss) * LOSS_SCALE), loss up to ~2900
@@ -231,7 +231,7 @@ def _bank_rows(bank: HardPixelBank, *, class_names: list[str] | tuple[str, ...],
             pack_array(s.seen_acc),
         ))  # fmt: skip
         if bank.multilabel:  # flat index (class * 2 + true) * 2 + predicted, see `SampleStats`
-            class_ids, (true_ids, pred_ids) = s.confusion_pairs // 4, np.divmod(s.confusion_pairs % 4, 2)
+            class_ids, true_ids, pred_ids = split_decisions(s.confusion_pairs)
             decision_rows += [
                 (sample_id, int(c), int(t), int(p), int(n))
                 for c, t, p, n in zip(class_ids, true_ids, pred_ids, s.confusion_counts, strict=True)

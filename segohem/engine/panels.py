@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from segohem.bank import HardPixelBank, SampleStats
+from segohem.bank import HardPixelBank, SampleStats, split_decisions
 from segohem.config import EvalConfig
 from segohem.data.datasets import SegmentationDataset
 from segohem.engine.inference import eval_logits
@@ -84,12 +84,13 @@ def _top_confusion(stats: SampleStats, class_names: tuple[str, ...]) -> str:
     Multi-label: "class missed (n)" or "class false positive (n)", the most frequent wrong decision.
     """
     if stats.multilabel:
-        wrong = np.flatnonzero((stats.confusion_pairs % 4 == 1) | (stats.confusion_pairs % 4 == 2))
+        class_ids, true, pred = split_decisions(stats.confusion_pairs)
+        wrong = np.flatnonzero(true != pred)
         if not len(wrong):
             return "-"
         top = wrong[int(stats.confusion_counts[wrong].argmax())]
-        pair, count = int(stats.confusion_pairs[top]), int(stats.confusion_counts[top])
-        return f"{class_names[pair // 4]} {'missed' if pair % 4 == 2 else 'false positive'} ({count})"
+        error = "missed" if true[top] == 1 else "false positive"
+        return f"{class_names[class_ids[top]]} {error} ({int(stats.confusion_counts[top])})"
     true_ids, pred_ids = np.divmod(stats.confusion_pairs, stats.num_classes)
     wrong = np.flatnonzero((true_ids != pred_ids) & (stats.confusion_counts > 0))  # sorted, as the dense argmax
     if not len(wrong):
