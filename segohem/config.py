@@ -293,6 +293,10 @@ class MiningConfig:
         "pixels the dictionary's latest epoch missed (hard and predicted wrong, about 1 - training recall) ** "
         "this, mean 1, times ohem.class_weight (0: off)", ge=0.0, le=8.0,
     )  # fmt: skip
+    class_weight_momentum: float = setting(
+        0.0, "recall weights: earlier epochs' missed and valid pixels count with this factor per epoch of age "
+        "(0: the latest epoch alone)", ge=0.0, lt=1.0,
+    )  # fmt: skip
 
     @property
     def places_crops(self) -> bool:
@@ -648,6 +652,11 @@ def _validate_mining(config: Config) -> None:
               ("class_weight_power", mining.class_weight_power > 0)) if on]  # fmt: skip
     if driven and not config.bank.enabled:
         raise ConfigError(f"{', '.join(driven)} is driven by the hard-pixel dictionary: set bank.enabled=true")
+    if mining.class_weight_momentum > 0 and not mining.class_weight_power > 0:
+        raise ConfigError(
+            f"mining.class_weight_momentum={mining.class_weight_momentum:g} smooths the recall weights, which are "
+            f"off: set mining.class_weight_power as well (e.g. 1)"
+        )
     if mining.candidates > 1 and config.ohem.scope != "image":
         raise ConfigError(
             "mining.candidates scores each crop by its own kept pixels: ohem.scope=batch would let the other "

@@ -62,12 +62,16 @@ def rare_pixel_centre(
     return float(rows[pick]), float(cols[pick])
 
 
-def recall_weights(bank: HardPixelBank, *, power: float) -> np.ndarray | None:
+def recall_weights(bank: HardPixelBank, *, power: float, momentum: float = 0.0) -> np.ndarray | None:
     """``mining.class_weight_power``'s class weights: the share of each class's pixels the
     dictionary's latest epoch missed (`EpochClassStats.missed_fraction`, about 1 - the class's
     training recall) ** ``power``, mean 1 over the classes it saw (at least 1e-3 before the power,
     so a class learnt perfectly keeps a little weight); 1 for a class it did not see. None when
     the dictionary holds no epoch yet, or its latest epoch was recorded before misses were counted.
+
+    ``momentum`` m > 0 smooths over epochs: missed and valid pixels are each summed over the
+    epochs, epoch e weighted m ** (latest - e), back to the first epoch with missed counts, and
+    the share is their ratio (m = 0: the latest epoch alone).
 
     Unlike the hard fraction (`segohem.refine.class_weights_from_bank`), which saturates near 1
     for every thin class, the miss rate keeps falling for the classes the model is learning, so
@@ -75,9 +79,19 @@ def recall_weights(bank: HardPixelBank, *, power: float) -> np.ndarray | None:
     """
     if not bank.epochs:
         return None
-    missed = bank.epochs[max(bank.epochs)].missed_fraction()
-    if missed is None:
+    latest = max(bank.epochs)
+    if bank.epochs[latest].missed is None:
         return None
+    missed_sum, valid_sum = np.zeros(bank.num_classes), np.zeros(bank.num_classes)
+    for epoch in sorted(bank.epochs, reverse=True):
+        stats = bank.epochs[epoch]
+        if stats.missed is None or (epoch != latest and momentum == 0):
+            break
+        decay = momentum ** (latest - epoch)
+        missed_sum += decay * stats.missed
+        valid_sum += decay * stats.valid
+    with np.errstate(invalid="ignore", divide="ignore"):
+        missed = np.where(valid_sum > 0, missed_sum / np.maximum(valid_sum, 1e-12), np.nan)
     seen = ~np.isnan(missed)
     weights = np.ones(bank.num_classes)
     if seen.any():

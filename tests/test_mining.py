@@ -314,6 +314,8 @@ def test_mining_config_errors_name_the_keys():
         load_config(None, ["mining.rare_power=100"])
     with pytest.raises(ConfigError, match=r"mining\.class_weight_power is driven by the hard-pixel dictionary"):
         load_config(None, ["mining.class_weight_power=1", "bank.enabled=false"])
+    with pytest.raises(ConfigError, match=r"class_weight_momentum=0\.5 smooths .* set mining\.class_weight_power"):
+        load_config(None, ["mining.class_weight_momentum=0.5"])
     with pytest.raises(ConfigError, match=r"ohem\.neg_ratio does not combine with .*mining\.class_weight_power"):
         build_loss(load_config(None, ["mining.class_weight_power=1", "ohem.neg_ratio=3", "data.kind=folder",
                                       "data.root=x", "data.class_names=[a,b]", "data.mask_format=binary"]))  # fmt: skip
@@ -334,8 +336,16 @@ def test_recall_weights_follow_the_latest_epochs_missed_share():
     bank.epochs[2] = EpochClassStats(hard=valid // 2, valid=valid, missed=np.array([0, 50, 9, 0]))
     weights = recall_weights(bank, power=1.0)
     assert 0 < weights[0] < 0.01 and weights[2] > weights[1] > weights[0]
+    # smoothed: epochs 2, 1, 0 count 1, 0.5, 0.25 (missed and valid alike)
+    decayed_missed = np.array([0, 50, 9]) + 0.5 * np.array([10, 50, 9]) + 0.25 * np.array([0, 0, 10])
+    shares = decayed_missed / (1.75 * valid[:3])
+    np.testing.assert_allclose(recall_weights(bank, power=1.0, momentum=0.5), [*(shares / shares.mean()), 1.0])
+    np.testing.assert_allclose(recall_weights(bank, power=1.0, momentum=0.0), weights)
+    bank.epochs[0].missed = None  # an epoch from before misses were counted ends the sum
+    shares = (np.array([0, 50, 9]) + 0.5 * np.array([10, 50, 9])) / (1.5 * valid[:3])
+    np.testing.assert_allclose(recall_weights(bank, power=1.0, momentum=0.5), [*(shares / shares.mean()), 1.0])
     bank.epochs[3] = EpochClassStats(hard=valid // 2, valid=valid)  # restored from before misses were counted
-    assert recall_weights(bank, power=1.0) is None
+    assert recall_weights(bank, power=1.0) is None and recall_weights(bank, power=1.0, momentum=0.5) is None
 
 
 def test_scaled_class_weights_multiply_the_configured_ones_and_can_be_restored():
@@ -360,7 +370,7 @@ def test_training_with_online_mining_is_seeded_and_resumes_exactly(tmp_path, mon
         "augment.crop=[32,32]", "augment.scale=[0.75,1.5]", "mining.hard_crop_prob=0.4", "mining.rare_crop_prob=0.4",
         "mining.sampler=class", "mining.start_epoch=2", "train.epochs=3", "ohem.mode=topk", "ohem.class_min_kept=0.2",
         "ohem.region_loss=dice", "mining.candidates=2", "mining.paste_prob=0.5", "mining.class_weight_power=1",
-        "wandb.mode=disabled",
+        "mining.class_weight_momentum=0.5", "wandb.mode=disabled",
     ]  # fmt: skip
     run_train(tiny_config(tmp_path / "a", *overrides), resume_from=None)
     whole = tmp_path / "a" / "tiny"
