@@ -66,14 +66,23 @@ def confused_pairs(path: str | Path, *, top: int = 10) -> list[dict[str, Any]]:
 
 
 def class_hardness(path: str | Path) -> list[dict[str, Any]]:
-    """Per epoch and class: the fraction of the class's training pixels that were hard."""
+    """Per epoch and class: the fraction of the class's training pixels that were hard, and the
+    fraction that were hard and predicted as another class (about 1 - its training recall; None
+    in stores written before misses were counted)."""
     with open_store(path) as db:
+        counted = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='epoch_missed'").fetchone()
+        missed = "m.missed_pixels" if counted else "NULL"
+        join = "LEFT JOIN epoch_missed m USING(epoch, class_id)" if counted else ""
         rows = db.execute(
-            "SELECT epoch, class_name, hard_pixels, valid_pixels, hard_fraction FROM epoch_classes "
-            "ORDER BY epoch, class_id"
-        ).fetchall()
-    keys = ("epoch", "class", "hard_pixels", "valid_pixels", "hard_fraction")
-    return [dict(zip(keys, row, strict=True)) for row in rows]
+            f"SELECT e.epoch, e.class_name, e.hard_pixels, e.valid_pixels, e.hard_fraction, {missed} "
+            f"FROM epoch_classes e {join} ORDER BY e.epoch, e.class_id"
+        ).fetchall()  # fmt: skip
+    keys = ("epoch", "class", "hard_pixels", "valid_pixels", "hard_fraction", "missed_pixels")
+    return [
+        {**dict(zip(keys, row, strict=True)),
+         "missed_fraction": None if row[5] is None else row[5] / max(1, row[3])}
+        for row in rows
+    ]  # fmt: skip
 
 
 def format_rows(rows: list[dict[str, Any]], fmt: str) -> str:

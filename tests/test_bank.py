@@ -177,6 +177,11 @@ def test_store_round_trip_and_queries(tmp_path):
     ]
     history = class_hardness(path)
     assert {(r["class"], r["hard_fraction"]) for r in history} == {("a", 0.0), ("b", 1.0), ("c", 1.0)}
+    for row in history:
+        c = CLASSES.index(row["class"])
+        assert row["missed_pixels"] == bank.epochs[row["epoch"]].missed[c]
+        assert row["missed_fraction"] == row["missed_pixels"] / row["valid_pixels"]
+    assert {r["class"]: r["missed_pixels"] for r in history} == {"a": 0, "b": 80, "c": 32}  # every wrong hard pixel
     assert "sample_id" in format_rows(top, "csv").splitlines()[0]
     with pytest.raises(ValueError, match="unknown class 'z'"):
         hardest_images(path, class_name="z")

@@ -292,5 +292,7 @@ def test_a_store_written_before_missed_pixels_were_counted_reads_them_as_unknown
     restored = load_bank(path)
     assert sorted(restored.epochs) == [0, 1, 2] and all(h.missed is None for h in restored.epochs.values())
     assert recall_weights(restored, power=1.0) is None  # nothing to weigh by: the loop keeps its weights
+    rows = class_hardness(path)  # the report still reads it, misses unknown
+    assert len(rows) == 9 and all(r["missed_pixels"] is None and r["missed_fraction"] is None for r in rows)
     save_bank(restored, path, class_names=list(CLASSES), epoch=2)  # and it is written back as it was
     assert all(h.missed is None for h in load_bank(path).epochs.values())
