@@ -22,6 +22,7 @@ import torch
 
 from segohem.cli.build import build_eval_loader
 from segohem.engine.inference import eval_logits, valid_sizes, working_size_of
+from segohem.engine.loop import autocast_context
 from segohem.engine.run import TrainingRun
 from segohem.metrics import ConfusionMatrix
 
@@ -52,9 +53,11 @@ def main() -> None:
         confusions = {bias: ConfusionMatrix(num_classes, ignore_index=run.classes.ignore_index) for bias in args.biases}
         with torch.no_grad():
             for batch in build_eval_loader(cfg, split=split):
-                logits = eval_logits(run.model, batch["image"].to(run.device), cfg=cfg.eval, num_classes=num_classes,
-                                     size_divisor=cfg.augment.pad_divisor,
-                                     valid_hw=valid_sizes(batch["source_hw"], working_size_of(cfg.data)))  # fmt: skip
+                valid_hw = valid_sizes(batch["source_hw"], working_size_of(cfg.data))
+                with autocast_context(run.device, cfg.train.amp):  # as the trainer's evaluation runs
+                    logits = eval_logits(run.model, batch["image"].to(run.device), cfg=cfg.eval,
+                                         num_classes=num_classes, size_divisor=cfg.augment.pad_divisor,
+                                         valid_hw=valid_hw)  # fmt: skip
                 mask = batch["mask"].to(run.device)
                 for bias, confusion in confusions.items():
                     shifted = logits.clone()

@@ -122,9 +122,13 @@ class EpochClassStats:
         return cls(*(np.zeros(num_classes, np.int64) for _ in range(3)))
 
     def missed_fraction(self) -> np.ndarray | None:
-        """(C,) share of each class's valid pixels that were hard and predicted wrong: about 1 -
-        the class's training recall (top-k and threshold OHEM keep nearly every misclassified
-        pixel); NaN for a class without valid pixels, None when ``missed`` was not counted."""
+        """(C,) share of each class's valid pixels that were hard and predicted wrong; NaN for a
+        class without valid pixels, None when ``missed`` was not counted.
+
+        Under threshold OHEM (a wrong pixel's true-class probability is below 0.5, so below any
+        threshold of 0.5 or more) and plain cross-entropy this is 1 - the class's training
+        recall; under top-k it falls short of that where more than ``top_k`` of an image is
+        wrong (early epochs, large confused regions), since only the kept pixels are counted."""
         if self.missed is None:
             return None
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from segohem.bank_store import open_store, read_meta
+from segohem.bank_store import has_table, open_store, read_meta
 
 
 def hardest_images(path: str | Path, *, class_name: str | None = None, top: int = 10) -> list[dict[str, Any]]:
@@ -67,10 +67,11 @@ def confused_pairs(path: str | Path, *, top: int = 10) -> list[dict[str, Any]]:
 
 def class_hardness(path: str | Path) -> list[dict[str, Any]]:
     """Per epoch and class: the fraction of the class's training pixels that were hard, and the
-    fraction that were hard and predicted as another class (about 1 - its training recall; None
-    in stores written before misses were counted)."""
+    fraction that were hard and predicted as another class (1 - its training recall under
+    threshold OHEM, see `EpochClassStats.missed_fraction`; None in stores written before misses
+    were counted)."""
     with open_store(path) as db:
-        counted = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='epoch_missed'").fetchone()
+        counted = has_table(db, "epoch_missed")
         missed = "m.missed_pixels" if counted else "NULL"
         join = "LEFT JOIN epoch_missed m USING(epoch, class_id)" if counted else ""
         rows = db.execute(

@@ -377,7 +377,7 @@ def load_bank(path: str | Path) -> HardPixelBank:
             stats.hard[class_id], stats.valid[class_id] = hard, valid
         # epochs without missed rows were not counted (stores written before misses were)
         counted: dict[int, list[tuple[int, int]]] = {epoch: [] for epoch in bank.epochs}
-        if _has_table(db, "epoch_missed"):
+        if has_table(db, "epoch_missed"):
             for epoch, class_id, missed in db.execute("SELECT * FROM epoch_missed"):
                 counted.setdefault(epoch, []).append((class_id, missed))
         for epoch, entries in counted.items():
@@ -402,7 +402,7 @@ def _read_confusions(db: sqlite3.Connection, num_classes: int) -> dict[str, list
     return confusions
 
 
-def _has_table(db: sqlite3.Connection, table: str) -> bool:
+def has_table(db: sqlite3.Connection, table: str) -> bool:
     return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name = ?", (table,)).fetchone() is not None
 
 

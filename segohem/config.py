@@ -261,7 +261,9 @@ class OhemConfig:
 class MiningConfig:
     """Online, dictionary-driven choice of what the model sees while it trains (see docs/ohem.md)."""
 
-    start_epoch: int = setting(2, "first epoch (from 1) the dictionary steers crops and the sampler", ge=1)
+    start_epoch: int = setting(
+        2, "first epoch (from 1) the dictionary steers crops, the sampler and recall weights", ge=1
+    )
     hard_crop_prob: float = setting(
         0.0, "probability a training crop (augment.crop) is centred on a cell drawn by the dictionary's hardness",
         ge=0.0, le=1.0,
@@ -290,8 +292,8 @@ class MiningConfig:
     sampler_floor: float = setting(0.3, "no image is drawn less than this fraction of the mean rate", ge=0.0, le=1.0)
     class_weight_power: float = setting(
         0.0, "recall weights: each epoch, the cross-entropy's class weights become the share of each class's "
-        "pixels the dictionary's latest epoch missed (hard and predicted wrong, about 1 - training recall) ** "
-        "this, mean 1, times ohem.class_weight (0: off)", ge=0.0, le=8.0,
+        "pixels the dictionary's latest epoch missed (hard and predicted wrong: 1 - training recall under "
+        "threshold OHEM) ** this, mean 1, times ohem.class_weight (0: off)", ge=0.0, le=8.0,
     )  # fmt: skip
     class_weight_momentum: float = setting(
         0.0, "recall weights: earlier epochs' missed and valid pixels count with this factor per epoch of age "

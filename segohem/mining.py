@@ -64,8 +64,9 @@ def rare_pixel_centre(
 
 def recall_weights(bank: HardPixelBank, *, power: float, momentum: float = 0.0) -> np.ndarray | None:
     """``mining.class_weight_power``'s class weights: the share of each class's pixels the
-    dictionary's latest epoch missed (`EpochClassStats.missed_fraction`, about 1 - the class's
-    training recall) ** ``power``, mean 1 over the classes it saw (at least 1e-3 before the power,
+    dictionary's latest epoch missed (hard and predicted as another class; 1 - the class's
+    training recall under threshold OHEM, a lower bound of it under top-k: see
+    `EpochClassStats.missed_fraction`) ** ``power``, mean 1 over the classes it saw (at least 1e-3 before the power,
     so a class learnt perfectly keeps a little weight); 1 for a class it did not see. None when
     the dictionary holds no epoch yet, or its latest epoch was recorded before misses were counted.
 

@@ -418,7 +418,8 @@ class OhemCrossEntropy(nn.Module):
             device = self.class_weight.device if self.class_weight is not None else None
             self.class_weight = None if self.base_class_weight is None else self.base_class_weight.to(device)
             return
-        factor = torch.as_tensor(factor, dtype=torch.float32)  # on the device the loss runs on
+        device = self.class_weight.device if self.class_weight is not None else None
+        factor = torch.as_tensor(factor, dtype=torch.float32, device=device)  # a new buffer: where factor is
         base = self.base_class_weight
         self.class_weight = factor.clone() if base is None else base.to(factor.device) * factor
 

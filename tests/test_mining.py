@@ -358,6 +358,9 @@ def test_scaled_class_weights_multiply_the_configured_ones_and_can_be_restored()
     torch.testing.assert_close(configured(logits, target).loss, by_hand(logits, target).loss)
     plain.scale_class_weight(torch.tensor([0.5, 6.0, 1.0]))  # no configured weights: the factor alone
     torch.testing.assert_close(plain(logits, target).loss, by_hand(logits, target).loss)
+    plain.scale_class_weight(np.array([0.5, 6.0, 1.0]))  # an array is taken as well, on the loss's device
+    assert plain.class_weight.dtype == torch.float32
+    torch.testing.assert_close(plain(logits, target).loss, by_hand(logits, target).loss)
     configured.scale_class_weight(None)
     torch.testing.assert_close(
         configured(logits, target).loss,

@@ -266,6 +266,7 @@ def test_the_dictionary_counts_hard_positives_and_negatives_per_class_by_hand():
     dense = stats.dense_confusion()
     assert dense.shape == (2, 2, 2) and dense[0].tolist() == [[0, 1], [1, 1]] and dense[1].tolist() == [[0, 1], [1, 0]]
     assert bank.epochs[0].hard.tolist() == [2, 1] and bank.epochs[0].valid.tolist() == [2, 2]
+    assert bank.epochs[0].missed.tolist() == [1, 1]  # class 0 pixel 1, class 1 pixel 2: present, said absent
     # cells of 2 pixels: pixels 0-1 hard in some class (2 of 2), pixels 2-3: pixel 2 hard, 3 scored for class 0
     assert stats.hardness.tolist() == [[1.0, 0.5]]
     assert stats.ema_kept_fraction == pytest.approx(5 / 7) and stats.ema_hard_loss == pytest.approx(2.0)
