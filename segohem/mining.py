@@ -37,7 +37,7 @@ from segohem.config import MiningConfig
 from segohem.crops import cut_window, hard_cell_centre
 from segohem.data.datasets import SegmentationDataset
 from segohem.data.samplers import EpochShuffleSampler, draw_seed
-from segohem.refine import WeightedEpochSampler, image_weights
+from segohem.refine import WeightedEpochSampler, image_weights, weights_from_shares
 
 CROP_KINDS = ("uniform", "hard", "rare")
 CANDIDATE_KEYS = ("image", "mask", "source_yx", "crop_kind", "pasted")
@@ -93,12 +93,7 @@ def recall_weights(bank: HardPixelBank, *, power: float, momentum: float = 0.0) 
         valid_sum += decay * stats.valid
     with np.errstate(invalid="ignore", divide="ignore"):
         missed = np.where(valid_sum > 0, missed_sum / np.maximum(valid_sum, 1e-12), np.nan)
-    seen = ~np.isnan(missed)
-    weights = np.ones(bank.num_classes)
-    if seen.any():
-        weights[seen] = np.maximum(missed[seen], 1e-3) ** power
-        weights[seen] /= weights[seen].mean()
-    return weights
+    return weights_from_shares(missed, power=power)
 
 
 class DictionaryCropDataset(Dataset[dict[str, Any]]):

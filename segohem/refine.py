@@ -56,11 +56,19 @@ def class_weights_from_bank(bank: HardPixelBank, *, power: float) -> np.ndarray:
     if not bank.epochs:
         raise ValueError("the bank holds no per-epoch class statistics to weigh classes by")
     latest = bank.epochs[max(bank.epochs)]
-    seen = latest.valid > 0
-    fraction = np.where(seen, latest.hard / np.maximum(latest.valid, 1), 0.0)
-    weights = np.ones(bank.num_classes)
-    weights[seen] = np.maximum(fraction[seen], 1e-3) ** power
-    weights[seen] /= weights[seen].mean()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return weights_from_shares(np.where(latest.valid > 0, latest.hard / latest.valid, np.nan), power=power)
+
+
+def weights_from_shares(shares: np.ndarray, *, power: float) -> np.ndarray:
+    """Class weights max(share, 1e-3) ** ``power``, mean 1 over the classes with a share; 1 for a
+    class without one (NaN: no valid pixels seen). The floor keeps a class with a zero share
+    (learnt perfectly, or never hard) at a little weight rather than none."""
+    seen = ~np.isnan(shares)
+    weights = np.ones(len(shares))
+    if seen.any():
+        weights[seen] = np.maximum(shares[seen], 1e-3) ** power
+        weights[seen] /= weights[seen].mean()
     return weights
 
 
