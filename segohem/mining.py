@@ -66,9 +66,9 @@ def recall_weights(bank: HardPixelBank, *, power: float, momentum: float = 0.0) 
     """``mining.class_weight_power``'s class weights: the share of each class's pixels the
     dictionary's latest epoch missed (hard and predicted as another class; 1 - the class's
     training recall under threshold OHEM, a lower bound of it under top-k: see
-    `EpochClassStats.missed_fraction`) ** ``power``, mean 1 over the classes it saw (at least 1e-3 before the power,
-    so a class learnt perfectly keeps a little weight); 1 for a class it did not see. None when
-    the dictionary holds no epoch yet, or its latest epoch was recorded before misses were counted.
+    `EpochClassStats.missed_fraction`), as `segohem.refine.weights_from_shares` weighs shares.
+    None when the dictionary holds no epoch yet, or its latest epoch was recorded before misses
+    were counted.
 
     ``momentum`` m > 0 smooths over epochs: missed and valid pixels are each summed over the
     epochs, epoch e weighted m ** (latest - e), back to the first epoch with missed counts, and
@@ -84,9 +84,9 @@ def recall_weights(bank: HardPixelBank, *, power: float, momentum: float = 0.0) 
     if bank.epochs[latest].missed is None:
         return None
     missed_sum, valid_sum = np.zeros(bank.num_classes), np.zeros(bank.num_classes)
-    for epoch in sorted(bank.epochs, reverse=True):
+    for epoch in sorted(bank.epochs, reverse=True) if momentum > 0 else [latest]:
         stats = bank.epochs[epoch]
-        if stats.missed is None or (epoch != latest and momentum == 0):
+        if stats.missed is None:  # counted from here back only
             break
         decay = momentum ** (latest - epoch)
         missed_sum += decay * stats.missed

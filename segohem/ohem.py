@@ -414,13 +414,12 @@ class OhemCrossEntropy(nn.Module):
     def scale_class_weight(self, factor: Tensor | None) -> None:
         """Class weights = the constructor's ``class_weight`` (1 where none) x ``factor`` ((C,),
         e.g. recall weights from the dictionary); None restores the constructor's weights."""
-        if factor is None:
-            device = self.class_weight.device if self.class_weight is not None else None
-            self.class_weight = None if self.base_class_weight is None else self.base_class_weight.to(device)
-            return
-        device = self.class_weight.device if self.class_weight is not None else None
-        factor = torch.as_tensor(factor, dtype=torch.float32, device=device)  # a new buffer: where factor is
         base = self.base_class_weight
+        device = self.class_weight.device if self.class_weight is not None else None  # None: where factor is
+        if factor is None:
+            self.class_weight = None if base is None else base.to(device)
+            return
+        factor = torch.as_tensor(factor, dtype=torch.float32, device=device)
         self.class_weight = factor.clone() if base is None else base.to(factor.device) * factor
 
     def _check_labels(self, target: Tensor, valid_mask: Tensor, *, num_classes: int) -> None:
