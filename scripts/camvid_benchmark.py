@@ -95,6 +95,11 @@ FULL_METHODS: dict[str, list[str]] = {
     "recall": [*TOPK, "mining.class_weight_power=1", "mining.start_epoch=2"],
     "combo-r": [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",
                 "ohem.class_min_kept=0.1", "mining.sampler=class", "mining.class_weight_power=1"],
+    # combo-r with no class weighed below 1 (road and pavement stay 1 : 1), power 2 so that pole
+    # weighs about as much against building and tree as in combo-r (defined before its first run)
+    "combo-rf": [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",
+                 "ohem.class_min_kept=0.1", "mining.sampler=class", "mining.class_weight_power=2",
+                 "mining.class_weight_floor=1"],
     # outside the protocol: combo-c with twice the steps, to ask whether the thin classes are
     # limited by the schedule (not paired with the 720-step runs)
     "combo-c-long": [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",

@@ -299,6 +299,10 @@ class MiningConfig:
         0.0, "recall weights: earlier epochs' missed and valid pixels count with this factor per epoch of age "
         "(0: the latest epoch alone)", ge=0.0, lt=1.0,
     )  # fmt: skip
+    class_weight_floor: float = setting(
+        0.0, "recall weights: a class's weight below this is raised to it, after the mean-1 normalization "
+        "(1: no class weighs less than in plain cross-entropy; 0: off)", ge=0.0, le=100.0,
+    )  # fmt: skip
 
     @property
     def places_crops(self) -> bool:
@@ -654,11 +658,13 @@ def _validate_mining(config: Config) -> None:
               ("class_weight_power", mining.class_weight_power > 0)) if on]  # fmt: skip
     if driven and not config.bank.enabled:
         raise ConfigError(f"{', '.join(driven)} is driven by the hard-pixel dictionary: set bank.enabled=true")
-    if mining.class_weight_momentum > 0 and not mining.class_weight_power > 0:
-        raise ConfigError(
-            f"mining.class_weight_momentum={mining.class_weight_momentum:g} smooths the recall weights, which are "
-            f"off: set mining.class_weight_power as well (e.g. 1)"
-        )
+    for key, value, does in (("class_weight_momentum", mining.class_weight_momentum, "smooths"),
+                             ("class_weight_floor", mining.class_weight_floor, "floors")):  # fmt: skip
+        if value > 0 and not mining.class_weight_power > 0:
+            raise ConfigError(
+                f"mining.{key}={value:g} {does} the recall weights, which are off: set mining.class_weight_power "
+                f"as well (e.g. 1)"
+            )
     if mining.candidates > 1 and config.ohem.scope != "image":
         raise ConfigError(
             "mining.candidates scores each crop by its own kept pixels: ohem.scope=batch would let the other "

@@ -62,7 +62,9 @@ def rare_pixel_centre(
     return float(rows[pick]), float(cols[pick])
 
 
-def recall_weights(bank: HardPixelBank, *, power: float, momentum: float = 0.0) -> np.ndarray | None:
+def recall_weights(
+    bank: HardPixelBank, *, power: float, momentum: float = 0.0, floor: float = 0.0
+) -> np.ndarray | None:
     """``mining.class_weight_power``'s class weights: the share of each class's pixels the
     dictionary's latest epoch missed (hard and predicted as another class; 1 - the class's
     training recall under threshold OHEM, a lower bound of it under top-k: see
@@ -73,6 +75,12 @@ def recall_weights(bank: HardPixelBank, *, power: float, momentum: float = 0.0) 
     ``momentum`` m > 0 smooths over epochs: missed and valid pixels are each summed over the
     epochs, epoch e weighted m ** (latest - e), back to the first epoch with missed counts, and
     the share is their ratio (m = 0: the latest epoch alone).
+
+    ``floor`` f > 0 raises every weight below f to f, after the normalization. With f = 1 no
+    class weighs less than in plain cross-entropy: the missed classes are pushed up, and the
+    ones the model already gets right are not pushed down against each other (measured without
+    it: road at 0.2 and pavement at 0.7 let the model call road pavement, and the two traded
+    pixels from epoch to epoch). The loss is a weighted mean, so only the ratios count.
 
     Unlike the hard fraction (`segohem.refine.class_weights_from_bank`), which saturates near 1
     for every thin class, the miss rate keeps falling for the classes the model is learning, so
@@ -93,7 +101,8 @@ def recall_weights(bank: HardPixelBank, *, power: float, momentum: float = 0.0) 
         valid_sum += decay * stats.valid
     with np.errstate(invalid="ignore", divide="ignore"):
         missed = np.where(valid_sum > 0, missed_sum / np.maximum(valid_sum, 1e-12), np.nan)
-    return weights_from_shares(missed, power=power)
+    weights = weights_from_shares(missed, power=power)
+    return np.maximum(weights, floor) if floor > 0 else weights
 
 
 class DictionaryCropDataset(Dataset[dict[str, Any]]):

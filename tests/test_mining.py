@@ -316,6 +316,8 @@ def test_mining_config_errors_name_the_keys():
         load_config(None, ["mining.class_weight_power=1", "bank.enabled=false"])
     with pytest.raises(ConfigError, match=r"class_weight_momentum=0\.5 smooths .* set mining\.class_weight_power"):
         load_config(None, ["mining.class_weight_momentum=0.5"])
+    with pytest.raises(ConfigError, match=r"class_weight_floor=1 floors .* set mining\.class_weight_power"):
+        load_config(None, ["mining.class_weight_floor=1"])
     with pytest.raises(ConfigError, match=r"ohem\.neg_ratio does not combine with .*mining\.class_weight_power"):
         build_loss(load_config(None, ["mining.class_weight_power=1", "ohem.neg_ratio=3", "data.kind=folder",
                                       "data.root=x", "data.class_names=[a,b]", "data.mask_format=binary"]))  # fmt: skip
@@ -341,6 +343,12 @@ def test_recall_weights_follow_the_latest_epochs_missed_share():
     shares = decayed_missed / (1.75 * valid[:3])
     np.testing.assert_allclose(recall_weights(bank, power=1.0, momentum=0.5), [*(shares / shares.mean()), 1.0])
     np.testing.assert_allclose(recall_weights(bank, power=1.0, momentum=0.0), weights)
+    # floored: no weight below 1 after the normalization; those above it unchanged
+    floored = recall_weights(bank, power=1.0, momentum=0.5, floor=1.0)
+    np.testing.assert_allclose(floored, np.maximum([*(shares / shares.mean()), 1.0], 1.0))
+    assert floored[0] == floored[1] == floored[3] == 1.0 < floored[2]  # class 1: 0.96 unfloored
+    np.testing.assert_allclose(recall_weights(bank, power=2.0, floor=0.5),
+                               np.maximum(recall_weights(bank, power=2.0), 0.5))  # fmt: skip
     bank.epochs[0].missed = None  # an epoch from before misses were counted ends the sum
     shares = (np.array([0, 50, 9]) + 0.5 * np.array([10, 50, 9])) / (1.5 * valid[:3])
     np.testing.assert_allclose(recall_weights(bank, power=1.0, momentum=0.5), [*(shares / shares.mean()), 1.0])
@@ -394,6 +402,16 @@ def test_training_with_online_mining_is_seeded_and_resumes_exactly(tmp_path, mon
     first = torch.load(whole / "last.pt", weights_only=True)["model"]
     second = torch.load(resumed / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_floored_recall_weights_reach_the_loss(tmp_path):
+    overrides = ["mining.start_epoch=2", "train.epochs=2", "ohem.mode=topk", "mining.class_weight_power=2",
+                 "mining.class_weight_floor=1", "wandb.mode=disabled"]  # fmt: skip
+    run_train(tiny_config(tmp_path, *overrides), resume_from=None)
+    records = [json.loads(line) for line in (tmp_path / "tiny" / "epochs.jsonl").read_text().splitlines()]
+    weights = [records[1][key] for key in records[1] if key.startswith("train/class_weight/")]
+    # without the floor some class weighs below 1 (mean 1, not all equal); with it none does
+    assert len(weights) == 7 and min(weights) == 1.0 and max(weights) > 1.0
 
 
 class ConstantClassZero(torch.nn.Module):

@@ -339,7 +339,12 @@ def apply_recall_weights(run: TrainingRun, epoch: int) -> dict[str, float]:
     loss = getattr(run.loss_fn, "ohem", run.loss_fn)  # OhemRegionLoss wraps the cross-entropy
     if not isinstance(loss, OhemCrossEntropy):  # the config refuses sigmoid losses; a guard, not a path
         raise TypeError(f"mining.class_weight_power weighs a softmax cross-entropy, not {type(loss).__name__}")
-    weights = recall_weights(run.bank, power=mining.class_weight_power, momentum=mining.class_weight_momentum)
+    weights = recall_weights(
+        run.bank,
+        power=mining.class_weight_power,
+        momentum=mining.class_weight_momentum,
+        floor=mining.class_weight_floor,
+    )
     if weights is None:
         return {}
     loss.scale_class_weight(torch.as_tensor(weights, dtype=torch.float32, device=run.device))
