@@ -61,6 +61,11 @@ def test_summary_pairs_each_method_with_the_same_seed(bench, tmp_path):
     assert "+6.00 +4.00 (mean +5.00)" in rows["topk"]  # rare-class IoU vs plain CE
     assert "+3.00 (mean +3.00)" in rows["refine-classsample@topk"]  # vs plain, seed 1
     assert "+1.00 (mean +1.00)" in rows["refine-classsample@topk"]  # vs top-k, seed 1
+    # a method outside the protocol (more steps) is listed but never paired
+    write("combo-c-long", 0, 0.70, 0.40)
+    main_table = bench.summarize(tmp_path).split("Per-class")[0]
+    rows = {line.split(" | ")[0].strip("| "): line for line in main_table.splitlines()}
+    assert "not paired: 1440 steps" in rows["combo-c-long"] and "mean" not in rows["combo-c-long"]
 
 
 def test_hard_duplicate_nms_suppresses_overlapping_masks_keeping_the_hardest():
