@@ -258,6 +258,20 @@ def summarize(results_dir: Path) -> str:
     for method, runs in ordered:
         means = [100 * statistics.mean(r["final_iou"][c] for r in runs.values()) for c in classes]
         lines.append(f"| {method} | " + " | ".join(f"{m:.1f}" for m in means) + " |")
+    rare_present = [c for c in RARE_CLASSES if c in classes]
+    header = ["method", "seed", "final mIoU", "vs plain CE", "vs top-k OHEM", *rare_present, "rare", "train min"]
+    header.append("commit")
+    lines += ["", "Per run (rare = mean IoU of the rare classes; commit = the one the run started on):", "",
+              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # fmt: skip
+    for method, runs in ordered:
+        for seed, r in sorted(runs.items()):
+            versus = [("-" if method in UNPAIRED or seed not in ref else f"{100 * (miou(r) - miou(ref[seed])):+.2f}")
+                      for ref in (plain, topk)]  # fmt: skip
+            lines.append(
+                f"| {method} | {seed} | {100 * miou(r):.2f} | {versus[0]} | {versus[1]} | "
+                + " | ".join(f"{100 * r['final_iou'][c]:.1f}" for c in rare_present)
+                + f" | {100 * rare(r):.2f} | {r['train_seconds'] / 60:.0f} | {str(r.get('commit', '-'))[:7]} |"
+            )
     return "\n".join(lines)
 
 

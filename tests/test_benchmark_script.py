@@ -66,6 +66,9 @@ def test_summary_pairs_each_method_with_the_same_seed(bench, tmp_path):
     main_table = bench.summarize(tmp_path).split("Per-class")[0]
     rows = {line.split(" | ")[0].strip("| "): line for line in main_table.splitlines()}
     assert "not paired: 1440 steps" in rows["combo-c-long"] and "mean" not in rows["combo-c-long"]
+    per_run = bench.summarize(tmp_path).split("Per run")[1]
+    assert "| topk | 1 | 66.00 | +2.00 | +0.00 | 34.0 |" in per_run  # pole, the first rare class
+    assert "| combo-c-long | 0 | 70.00 | - | - |" in per_run
 
 
 def test_hard_duplicate_nms_suppresses_overlapping_masks_keeping_the_hardest():
