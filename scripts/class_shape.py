@@ -2,11 +2,13 @@
 
     python scripts/class_shape.py data.root=../shared/datasets/camvid --class pole --split train val
 
+(config overrides go before the options.)
+
 For one class, over each split's label maps (any layout the config reads): the share of valid
 pixels it covers, how many images hold it, the median and mean width of its horizontal runs
-(a vertical pole 3 px wide gives runs of 3), and the share of its pixels left after an
+(the width of vertical structures: a pole 3 px wide gives runs of 3), and the share of its pixels left after an
 erosion by a 3x3 and a 5x5 square (pixels at least 2 and 3 px inside the class; the image
-border does not erode). A class whose pixels mostly vanish under a 3x3 erosion is 1-2 px
+border does not erode, an ignored pixel does). A class whose pixels mostly vanish under a 3x3 erosion is 1-2 px
 wide: a one-pixel error on each side of it costs most of its IoU. Comparing the splits tells
 whether val's instances are thinner than those the model trained on.
 """
@@ -14,13 +16,17 @@ whether val's instances are thinner than those the model trained on.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import cv2
 import numpy as np
 
-from segohem.config import load_config
+from segohem.config import ConfigError, load_config
 from segohem.data.build import class_info
+from segohem.data.errors import DatasetError
 from segohem.data.kinds import dataset_files
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "camvid_full.yaml"
 
 
 def run_widths(mask: np.ndarray) -> np.ndarray:
@@ -34,13 +40,13 @@ def run_widths(mask: np.ndarray) -> np.ndarray:
 def split_shape(config, split: str, class_id: int) -> dict[str, float]:
     info = class_info(config.data)
     pairs, read_labels = dataset_files(config.data, split=split, info=info)
-    valid = pixels = images = 0
+    valid = pixels = images = labelled = 0
     kept = {3: 0, 5: 0}
     widths: list[np.ndarray] = []
     for pair in pairs:
         if pair.mask_path is None:
             continue
-        labels = read_labels(pair.mask_path)
+        labels, labelled = read_labels(pair.mask_path), labelled + 1
         mask = labels == class_id
         valid += int((labels != config.data.ignore_index).sum())
         count = int(mask.sum())
@@ -52,7 +58,7 @@ def split_shape(config, split: str, class_id: int) -> dict[str, float]:
             kept[size] += int(cv2.erode(mask.astype(np.uint8), np.ones((size, size), np.uint8)).sum())
     all_widths = np.concatenate(widths) if widths else np.zeros(0)
     return {
-        "images": images, "of": len(pairs), "share": 100 * pixels / max(valid, 1),
+        "images": images, "of": labelled, "share": 100 * pixels / max(valid, 1),
         "median_width": float(np.median(all_widths)) if len(all_widths) else float("nan"),
         "mean_width": float(all_widths.mean()) if len(all_widths) else float("nan"),
         "after_3x3": 100 * kept[3] / max(pixels, 1), "after_5x5": 100 * kept[5] / max(pixels, 1),
@@ -63,11 +69,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--class", dest="class_name", required=True)
     parser.add_argument("--split", nargs="+", default=["train", "val"], choices=("train", "val", "test"))
-    parser.add_argument("--config", help="YAML config (default: configs/camvid_full.yaml's data section)")
+    parser.add_argument("--config", type=Path, help="YAML config (default: configs/camvid_full.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args()
-    config = load_config(args.config or "configs/camvid_full.yaml", args.overrides)
-    names = list(class_info(config.data).names)
+    try:
+        config = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+        names = list(class_info(config.data).names)
+    except ConfigError as err:
+        parser.error(str(err))
     if args.class_name not in names:
         parser.error(f"--class {args.class_name!r} is not one of {', '.join(names)}")
     class_id = names.index(args.class_name)
@@ -75,7 +84,10 @@ def main() -> None:
     print("after an erosion by a 3x3 / 5x5 square")
     print("split   images     share  median w  mean w  after 3x3  after 5x5")
     for split in args.split:
-        s = split_shape(config, split, class_id)
+        try:
+            s = split_shape(config, split, class_id)
+        except (ConfigError, DatasetError) as err:
+            parser.error(f"{split}: {err}")
         print(f"{split:<6} {s['images']:>4}/{s['of']:<4} {s['share']:6.2f}%  {s['median_width']:8.1f}  "
               f"{s['mean_width']:6.2f}  {s['after_3x3']:8.1f}%  {s['after_5x5']:8.1f}%")  # fmt: skip
 

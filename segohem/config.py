@@ -300,8 +300,9 @@ class MiningConfig:
         "(0: the latest epoch alone)", ge=0.0, lt=1.0,
     )  # fmt: skip
     class_weight_floor: float = setting(
-        0.0, "recall weights: a class's weight below this is raised to it, after the mean-1 normalization "
-        "(1: no class weighs less than in plain cross-entropy; 0: off)", ge=0.0, le=100.0,
+        0.0, "recall weights: a class's recall factor below this is raised to it, after the mean-1 "
+        "normalization and before the product with ohem.class_weight (1: the classes the model gets right all "
+        "keep factor 1, not weighed down against each other; 0: off)", ge=0.0, le=1.0,
     )  # fmt: skip
 
     @property

@@ -76,9 +76,9 @@ def recall_weights(
     epochs, epoch e weighted m ** (latest - e), back to the first epoch with missed counts, and
     the share is their ratio (m = 0: the latest epoch alone).
 
-    ``floor`` f > 0 raises every weight below f to f, after the normalization. With f = 1 no
-    class weighs less than in plain cross-entropy: the missed classes are pushed up, and the
-    ones the model already gets right are not pushed down against each other (measured without
+    ``floor`` f > 0 raises every weight below f to f, after the normalization. With f = 1 the
+    missed classes are pushed up, and the ones the model already gets right all keep weight 1,
+    not pushed down against each other (measured without
     it: road at 0.2 and pavement at 0.7 let the model call road pavement, and the two traded
     pixels from epoch to epoch). The loss is a weighted mean, so only the ratios count.
 

@@ -45,9 +45,10 @@ def test_refinement_on_the_topk_base_mines_and_refines_that_run(bench, tmp_path)
 def test_summary_pairs_each_method_with_the_same_seed(bench, tmp_path):
     classes = ["road", *bench.RARE_CLASSES]
 
-    def write(method: str, seed: int, miou: float, rare: float) -> None:
+    def write(method: str, seed: int, miou: float, rare: float, epochs: int = 16) -> None:
         iou = {c: (rare if c in bench.RARE_CLASSES else 0.9) for c in classes}
-        record = {"method": method, "seed": seed, "final_miou": miou, "final_iou": iou, "train_seconds": 60.0}
+        record = {"method": method, "seed": seed, "final_miou": miou, "final_iou": iou, "train_seconds": 60.0,
+                  "epochs": epochs}  # fmt: skip
         (tmp_path / f"{method}-s{seed}.json").write_text(json.dumps(record))
 
     write("plain", 0, 0.60, 0.30)
@@ -61,11 +62,11 @@ def test_summary_pairs_each_method_with_the_same_seed(bench, tmp_path):
     assert "+6.00 +4.00 (mean +5.00)" in rows["topk"]  # rare-class IoU vs plain CE
     assert "+3.00 (mean +3.00)" in rows["refine-classsample@topk"]  # vs plain, seed 1
     assert "+1.00 (mean +1.00)" in rows["refine-classsample@topk"]  # vs top-k, seed 1
-    # a method outside the protocol (more steps) is listed but never paired
-    write("combo-c-long", 0, 0.70, 0.40)
+    # a method outside the protocol (more epochs) is listed but never paired
+    write("combo-c-long", 0, 0.70, 0.40, epochs=32)
     main_table = bench.summarize(tmp_path).split("Per-class")[0]
     rows = {line.split(" | ")[0].strip("| "): line for line in main_table.splitlines()}
-    assert "not paired: 1440 steps" in rows["combo-c-long"] and "mean" not in rows["combo-c-long"]
+    assert "not paired: 32 epochs" in rows["combo-c-long"] and "mean" not in rows["combo-c-long"]
     per_run = bench.summarize(tmp_path).split("Per run")[1]
     assert "| topk | 1 | 66.00 | +2.00 | +0.00 | 34.0 |" in per_run  # pole, the first rare class
     assert "| combo-c-long | 0 | 70.00 | - | - |" in per_run

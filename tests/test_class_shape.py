@@ -42,3 +42,11 @@ def test_a_two_pixel_pole_vanishes_under_a_3x3_erosion_and_a_block_does_not(tmp_
     assert abs(pole["share"] - 100 * 32 / (20 * 19)) < 1e-9
     block = shape.split_shape(config, "train", 2)
     assert block["median_width"] == 5.0 and block["after_3x3"] == 100 * 9 / 25 and block["after_5x5"] == 100 / 25
+    # a pole on the image's left edge keeps its edge column (the border does not erode); rows next to
+    # the ignored row 0 erode
+    labels[:, :] = 0
+    labels[0, :] = 255
+    labels[1:19, 0:2] = 1  # 2 px wide at the border: 36 pixels
+    cv2.imwrite(str(tmp_path / "trainannot" / "a.png"), labels)
+    edge = shape.split_shape(config, "train", 1)
+    assert edge["median_width"] == 2.0 and edge["after_3x3"] == 100 * 16 / 36  # column 0, rows 2-17

@@ -318,6 +318,8 @@ def test_mining_config_errors_name_the_keys():
         load_config(None, ["mining.class_weight_momentum=0.5"])
     with pytest.raises(ConfigError, match=r"class_weight_floor=1 floors .* set mining\.class_weight_power"):
         load_config(None, ["mining.class_weight_floor=1"])
+    with pytest.raises(ConfigError, match=r"class_weight_floor"):  # above 1 it would flatten every weight
+        load_config(None, ["mining.class_weight_power=1", "mining.class_weight_floor=1.5"])
     with pytest.raises(ConfigError, match=r"ohem\.neg_ratio does not combine with .*mining\.class_weight_power"):
         build_loss(load_config(None, ["mining.class_weight_power=1", "ohem.neg_ratio=3", "data.kind=folder",
                                       "data.root=x", "data.class_names=[a,b]", "data.mask_format=binary"]))  # fmt: skip
