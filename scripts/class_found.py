@@ -1,0 +1,129 @@
+"""Is a thin class missed, or found a pixel off? Strict and tolerant scores of one class.
+
+    python scripts/class_found.py runs/camvid-full-bench/combo-c-s0/last.pt data.root=../shared/datasets/camvid \
+        --class pole --tolerance 1 2
+
+With the checkpoint's own evaluation (``eval`` section), over one split, for one class:
+
+* strict IoU, recall and precision, as the metric counts them;
+* tolerant recall: the share of the class's labelled pixels within t px (a (2t+1)^2 square) of a
+  pixel predicted as the class; tolerant precision: the share of pixels predicted as the class
+  (on labelled pixels) within t px of a labelled one;
+* instances found: the labelled class's connected regions (8-connected, at least
+  ``--min-pixels``) with at least one predicted pixel within t px, as a share of the regions
+  and of their pixels.
+
+If tolerant recall and the share of instances found stay low, the model does not detect the
+class; if they jump at t = 1 while strict IoU is low, it finds the class and misplaces its
+edges (a one-pixel offset costs a 3 px wide pole half its IoU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from segohem.cli.build import build_eval_loader
+from segohem.engine.inference import eval_logits, valid_sizes, working_size_of
+from segohem.engine.loop import autocast_context
+from segohem.engine.run import TrainingRun
+
+COUNTS = ("label", "pred", "hit", "label_near", "pred_near", "regions", "regions_found", "region_px", "found_px")
+
+
+def found_counts(predicted: np.ndarray, labelled: np.ndarray, valid: np.ndarray, *, tolerance: int,
+                 min_pixels: int = 1) -> dict[str, int]:  # fmt: skip
+    """Counts for one image: ``predicted`` and ``labelled`` are boolean (H, W) masks of the class,
+    ``valid`` the labelled (not ignored) pixels. Predictions on ignored pixels do not count."""
+    predicted = predicted & valid
+    kernel = np.ones((2 * tolerance + 1, 2 * tolerance + 1), np.uint8)
+    near_pred = cv2.dilate(predicted.astype(np.uint8), kernel).astype(bool)
+    near_label = cv2.dilate(labelled.astype(np.uint8), kernel).astype(bool)
+    counts = {
+        "label": int(labelled.sum()), "pred": int(predicted.sum()), "hit": int((predicted & labelled).sum()),
+        "label_near": int((labelled & near_pred).sum()), "pred_near": int((predicted & near_label).sum()),
+        "regions": 0, "regions_found": 0, "region_px": 0, "found_px": 0,
+    }  # fmt: skip
+    count, regions = cv2.connectedComponents(labelled.astype(np.uint8), connectivity=8)
+    for region in range(1, count):
+        pixels = regions == region
+        size = int(pixels.sum())
+        if size < min_pixels:
+            continue
+        found = bool((pixels & near_pred).any())
+        counts["regions"] += 1
+        counts["regions_found"] += found
+        counts["region_px"] += size
+        counts["found_px"] += size * found
+    return counts
+
+
+def scores(counts: dict[str, int]) -> dict[str, float]:
+    """Percentages from summed counts."""
+
+    def pct(a: int, b: int) -> float:
+        return 100 * a / b if b else float("nan")
+
+    return {
+        "iou": pct(counts["hit"], counts["label"] + counts["pred"] - counts["hit"]),
+        "recall": pct(counts["hit"], counts["label"]), "precision": pct(counts["hit"], counts["pred"]),
+        "tolerant_recall": pct(counts["label_near"], counts["label"]),
+        "tolerant_precision": pct(counts["pred_near"], counts["pred"]),
+        "regions_found": pct(counts["regions_found"], counts["regions"]),
+        "region_px_found": pct(counts["found_px"], counts["region_px"]),
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--class", dest="class_name", required=True)
+    parser.add_argument("--split", default="val", choices=["train", "val", "test"])
+    parser.add_argument("--tolerance", nargs="+", type=int, default=[1, 2], help="pixels (0 is always shown)")
+    parser.add_argument("--min-pixels", type=int, default=10, help="smallest labelled region counted as one")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=...")
+    args = parser.parse_intermixed_args()
+    if any(t < 0 for t in args.tolerance):
+        parser.error(f"--tolerance takes pixels >= 0, got {args.tolerance}")
+    run, _ = TrainingRun.for_inference(args.checkpoint, ["data.num_workers=0", *args.overrides])
+    cfg, names = run.config, run.classes.names
+    if args.class_name not in names:
+        parser.error(f"--class {args.class_name!r} is not one of the checkpoint's classes: {', '.join(names)}")
+    if run.classes.multilabel:
+        parser.error("multi-label checkpoints: use a class's own sigmoid mask; this script reads the argmax")
+    index, ignore = names.index(args.class_name), run.classes.ignore_index
+    tolerances = sorted({0, *args.tolerance})
+    totals = {t: dict.fromkeys(COUNTS, 0) for t in tolerances}
+    run.model.eval()
+    started = time.perf_counter()
+    with torch.no_grad():
+        for batch in build_eval_loader(cfg, split=args.split):
+            valid_hw = valid_sizes(batch["source_hw"], working_size_of(cfg.data))
+            with autocast_context(run.device, cfg.train.amp):  # as the trainer's evaluation runs
+                logits = eval_logits(run.model, batch["image"].to(run.device), cfg=cfg.eval,
+                                     num_classes=run.classes.num_classes, size_divisor=cfg.augment.pad_divisor,
+                                     valid_hw=valid_hw)  # fmt: skip
+            predictions, masks = logits.argmax(1).cpu().numpy(), batch["mask"].numpy()
+            for predicted, mask in zip(predictions, masks, strict=True):
+                for t in tolerances:
+                    image = found_counts(predicted == index, mask == index, mask != ignore, tolerance=t,
+                                         min_pixels=args.min_pixels)  # fmt: skip
+                    for key, value in image.items():
+                        totals[t][key] += value
+    print(f"{args.checkpoint}: {args.class_name} on {args.split} ({time.perf_counter() - started:.0f} s; regions of "
+          f">= {args.min_pixels} px: {totals[0]['regions']})")  # fmt: skip
+    print("tol px    IoU  recall  precision  regions found  their pixels")
+    for t in tolerances:
+        s = scores(totals[t])
+        recall, precision = (s["recall"], s["precision"]) if t == 0 else (s["tolerant_recall"], s["tolerant_precision"])
+        iou = f"{s['iou']:6.2f}" if t == 0 else "     -"
+        print(f"{t:6d} {iou} {recall:7.2f} {precision:10.2f} {s['regions_found']:14.1f} {s['region_px_found']:13.1f}")
+
+
+if __name__ == "__main__":
+    main()
