@@ -100,6 +100,11 @@ FULL_METHODS: dict[str, list[str]] = {
     "combo-rf": [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",
                  "ohem.class_min_kept=0.1", "mining.sampler=class", "mining.class_weight_power=2",
                  "mining.class_weight_floor=1"],
+    # combo-r with a pixel weighed by the larger of its true and its predicted class's weight: with recall
+    # weights the model found most poles but 4 in 5 of its pole pixels were false (scripts/class_found.py)
+    "combo-rp": [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",
+                 "ohem.class_min_kept=0.1", "mining.sampler=class", "mining.class_weight_power=1",
+                 "ohem.class_weight_predicted=true"],
     # outside the protocol: combo-c with twice the steps, to ask whether the thin classes are
     # limited by the schedule (not paired with the 720-step runs)
     "combo-c-long": [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",

@@ -238,6 +238,11 @@ class OhemConfig:
     scope: MiningScope = setting("image", "image (per-image selection) | batch (mmseg/HRNet behaviour)")
     warmup_steps: int = setting(0, "ramp the kept share from 100% to the target over N steps", ge=0)
     class_weight: list[float] = setting([], "per-class loss weights; empty: none", ge=0.0)
+    class_weight_predicted: bool = setting(
+        False, "each kept pixel weighs the larger of its true and its predicted class's weight, so a false "
+        "prediction of a heavy class costs what missing it does (needs class weights: ohem.class_weight, "
+        "mining.class_weight_power or refine.class_weight_power)",
+    )  # fmt: skip
     class_min_kept: int | float | str = setting(
         0, "per image, each class present also keeps at least this many of its hardest pixels: 100 pixels, "
         "0.2 or '20%' of that class's pixels; 0: no quota", check=_pixel_amount(positive=False),
@@ -624,7 +629,8 @@ def _validate_multilabel(config: Config) -> None:
     ohem, mining, refine = config.ohem, config.mining, config.refine
     single_label = {
         "ohem.class_weight": bool(ohem.class_weight), "ohem.class_min_kept": bool(ohem.class_min_kept),
-        "ohem.scope=batch": ohem.scope != "image", "ohem.warmup_steps": bool(ohem.warmup_steps),
+        "ohem.class_weight_predicted": ohem.class_weight_predicted, "ohem.scope=batch": ohem.scope != "image",
+        "ohem.warmup_steps": bool(ohem.warmup_steps),
         "ohem.region_loss": ohem.region_loss != "none", "ohem.ce_weight": ohem.ce_weight != 1.0,
         "mining.hard_crop_prob / rare_crop_prob / paste_prob / candidates": mining.places_crops,
         "mining.sampler": mining.sampler != "none", "refine.sampler=class": refine.sampler == "class",
@@ -659,6 +665,13 @@ def _validate_mining(config: Config) -> None:
               ("class_weight_power", mining.class_weight_power > 0)) if on]  # fmt: skip
     if driven and not config.bank.enabled:
         raise ConfigError(f"{', '.join(driven)} is driven by the hard-pixel dictionary: set bank.enabled=true")
+    if config.ohem.class_weight_predicted and not (
+        config.ohem.class_weight or mining.class_weight_power > 0 or config.refine.class_weight_power > 0
+    ):
+        raise ConfigError(
+            "ohem.class_weight_predicted weighs a pixel by its true and its predicted class's weights, and there are "
+            "none: set ohem.class_weight, mining.class_weight_power or refine.class_weight_power"
+        )
     for key, value, does in (("class_weight_momentum", mining.class_weight_momentum, "smooths"),
                              ("class_weight_floor", mining.class_weight_floor, "floors")):  # fmt: skip
         if value > 0 and not mining.class_weight_power > 0:

@@ -378,8 +378,10 @@ class OhemCrossEntropy(nn.Module):
     forward(logits (N, C, H, W), target (N, H, W) int64, step=None) -> OhemResult.
     ``min_kept`` / ``top_k``: 1000 (pixels per image), 0.2 or ``"20%"`` (of the valid pixels);
     ``"100%"`` keeps every valid pixel. ``class_min_kept`` adds a per-class quota to the
-    selection (see `class_quota_mask`; 0 disables it). Labels outside ``[0, C)`` that are not ``ignore_index``
-    raise ``ValueError`` naming them (mmseg #1180 turned these into opaque CUDA index errors).
+    selection (see `class_quota_mask`; 0 disables it). ``weight_by_prediction``: with class weights,
+    a kept pixel weighs max(weight of its label, weight of its argmax class). Labels outside
+    ``[0, C)`` that are not ``ignore_index`` raise ``ValueError`` naming them (mmseg #1180 turned
+    these into opaque CUDA index errors).
     """
 
     def __init__(
@@ -394,6 +396,7 @@ class OhemCrossEntropy(nn.Module):
         class_weight: list[float] | Tensor | None = None,
         warmup_steps: int = 0,
         class_min_kept: PixelAmount = 0,
+        weight_by_prediction: bool = False,
     ) -> None:
         super().__init__()
         # Validate eagerly so a bad config fails at construction, not mid-epoch.
@@ -404,6 +407,7 @@ class OhemCrossEntropy(nn.Module):
         self.mode, self.thresh, self.scope = mode, thresh, scope
         self.min_kept, self.top_k = min_kept, top_k
         self.ignore_index, self.warmup_steps = ignore_index, warmup_steps
+        self.weight_by_prediction = weight_by_prediction
         quota = parse_amount(class_min_kept, name="class_min_kept")
         self.class_min_kept = class_min_kept if (quota.pixels or quota.fraction) and mode != "none" else 0
         self.class_weight: Tensor | None
@@ -467,7 +471,10 @@ class OhemCrossEntropy(nn.Module):
         else:
             weight = hard_mask.to(pixel_loss.dtype)
             if self.class_weight is not None:
-                weight = weight * self.class_weight[target.clamp(0, num_classes - 1)]
+                class_weight = self.class_weight[target.clamp(0, num_classes - 1)]
+                if self.weight_by_prediction:  # a false positive of a heavy class weighs as much as a miss
+                    class_weight = torch.maximum(class_weight, self.class_weight[logits.detach().argmax(1)])
+                weight = weight * class_weight
             if pixel_weight is not None:
                 weight = weight * pixel_weight.to(pixel_loss.dtype)
             denominator = weight.sum()

@@ -378,6 +378,39 @@ def test_scaled_class_weights_multiply_the_configured_ones_and_can_be_restored()
     )
 
 
+def test_weighing_by_the_predicted_class_charges_false_positives_of_a_heavy_class():
+    # 1 image, 3 classes, 4 pixels: labels 0 0 1 2; the model predicts 1 1 1 0
+    logits = torch.zeros(1, 3, 1, 4)
+    logits[0, 1, 0, :3] = 2.0
+    logits[0, 0, 0, 3] = 2.0
+    target = torch.tensor([[[0, 0, 1, 2]]])
+    weights = [1.0, 4.0, 2.0]
+    pixel_loss = torch.nn.functional.cross_entropy(logits, target, reduction="none")[0, 0]
+    # by the label alone: 1 1 4 2; by max(label, prediction): 4 4 4 2 (pixel 3: max(2, 1))
+    for by_prediction, w in ((False, [1.0, 1.0, 4.0, 2.0]), (True, [4.0, 4.0, 4.0, 2.0])):
+        loss = OhemCrossEntropy(mode="none", ignore_index=255, class_weight=weights,
+                                weight_by_prediction=by_prediction)(logits, target).loss  # fmt: skip
+        w = torch.tensor(w)
+        torch.testing.assert_close(loss, (pixel_loss * w).sum() / w.sum())
+    # without class weights the option has nothing to weigh: the plain mean
+    plain = OhemCrossEntropy(mode="none", ignore_index=255, weight_by_prediction=True)(logits, target).loss
+    torch.testing.assert_close(plain, pixel_loss.mean())
+    # recall weights set later (scale_class_weight) are weighed by prediction too
+    later = OhemCrossEntropy(mode="none", ignore_index=255, weight_by_prediction=True)
+    later.scale_class_weight(torch.tensor(weights))
+    torch.testing.assert_close(later(logits, target).loss, (pixel_loss * torch.tensor([4.0, 4, 4, 2])).sum() / 14)
+
+
+def test_weighing_by_prediction_needs_class_weights():
+    with pytest.raises(ConfigError, match=r"ohem\.class_weight_predicted .* set ohem\.class_weight, mining\.class_w"):
+        load_config(None, ["ohem.class_weight_predicted=true"])
+    load_config(None, ["ohem.class_weight_predicted=true", "mining.class_weight_power=1"])
+    loss = build_loss(
+        load_config(None, ["ohem.class_weight_predicted=true", "ohem.class_weight=[1, 2, 1, 1, 1, 1, 1]"])
+    )
+    assert loss.weight_by_prediction
+
+
 def test_training_with_online_mining_is_seeded_and_resumes_exactly(tmp_path, monkeypatch):
     overrides = [
         "augment.crop=[32,32]", "augment.scale=[0.75,1.5]", "mining.hard_crop_prob=0.4", "mining.rare_crop_prob=0.4",

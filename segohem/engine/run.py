@@ -88,6 +88,7 @@ def build_loss(cfg: Config, *, refine_bank: HardPixelBank | None = None) -> Segm
             scope=ohem.scope, ignore_index=info.ignore_index,  # type: ignore[arg-type]
             class_weight=None if (class_weight == 1).all() else class_weight.tolist(),
             warmup_steps=ohem.warmup_steps, class_min_kept=ohem.class_min_kept,
+            weight_by_prediction=ohem.class_weight_predicted,
         )  # fmt: skip
     if ohem.region_loss == "none" and ohem.ce_weight == 1.0:
         return loss
@@ -103,10 +104,11 @@ def _binary_loss(cfg: Config, info: ClassInfo) -> TwoClassAsBinary:
             f"classes (binary masks: data.mask_format=binary; classes that overlap: data.mask_format=multilabel)"
         )
     if ohem.class_weight or ohem.class_min_kept or ohem.scope != "image" or cfg.refine.class_weight_power \
-            or ohem.warmup_steps or cfg.mining.class_weight_power:  # fmt: skip
+            or ohem.warmup_steps or cfg.mining.class_weight_power or ohem.class_weight_predicted:  # fmt: skip
         raise ConfigError(
-            "ohem.neg_ratio does not combine with ohem.class_weight, ohem.class_min_kept, ohem.scope=batch, "
-            "ohem.warmup_steps, refine.class_weight_power or mining.class_weight_power"
+            "ohem.neg_ratio does not combine with ohem.class_weight, ohem.class_weight_predicted, "
+            "ohem.class_min_kept, ohem.scope=batch, ohem.warmup_steps, refine.class_weight_power or "
+            "mining.class_weight_power"
         )
     return TwoClassAsBinary(_sigmoid_ohem(cfg, info))
 
