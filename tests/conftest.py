@@ -1,7 +1,9 @@
+import importlib.util
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -13,6 +15,18 @@ os.environ["WANDB_MODE"] = "disabled"
 SHARED_CAMVID = Path(
     os.environ.get("SEGOHEM_CAMVID", Path(__file__).resolve().parents[2] / "shared" / "datasets" / "camvid")
 )
+
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """A benchmark or diagnostic script of scripts/ (not a package) imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_config(tmp_path: Path, *overrides: str) -> Config:

@@ -1,23 +1,18 @@
 """The CamVid benchmark runner: the commands it builds and the paired table it prints."""
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "camvid_benchmark.py"
+from .conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("camvid_benchmark", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("camvid_benchmark")
 
 
 def arguments(tmp_path: Path) -> argparse.Namespace:
@@ -73,10 +68,7 @@ def test_summary_pairs_each_method_with_the_same_seed(bench, tmp_path):
 
 
 def test_hard_duplicate_nms_suppresses_overlapping_masks_keeping_the_hardest():
-    spec = importlib.util.spec_from_file_location("hard_duplicates", SCRIPT.parent / "hard_duplicates.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("hard_duplicates")
     masks = np.zeros((4, 10, 10), dtype=bool)
     masks[0, :5] = True  # rows 0-4
     masks[1, :4] = True  # rows 0-3: IoU 0.8 with image 0

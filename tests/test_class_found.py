@@ -1,22 +1,12 @@
 """scripts/class_found.py: strict and tolerant scores of a thin class, by hand."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "class_found.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("class_found", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .conftest import load_script
 
 
 def test_a_pole_found_one_pixel_off_scores_low_strictly_and_full_with_tolerance():
-    found = load_script()
+    found = load_script("class_found")
     labelled = np.zeros((12, 12), bool)
     labelled[1:11, 2:5] = True  # a pole 3 px wide, 30 pixels
     labelled[1:4, 9:11] = True  # a second, small region of 6 pixels: missed
@@ -41,7 +31,7 @@ def test_a_pole_found_one_pixel_off_scores_low_strictly_and_full_with_tolerance(
 
 
 def test_nothing_predicted_or_labelled_gives_nan_not_an_error():
-    found = load_script()
+    found = load_script("class_found")
     empty = np.zeros((4, 4), bool)
     s = found.scores(found.found_counts(empty, empty, np.ones((4, 4), bool), tolerance=1))
     assert all(np.isnan(v) for v in s.values())

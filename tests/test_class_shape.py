@@ -1,25 +1,15 @@
 """scripts/class_shape.py: run widths and erosion survival of one class, by hand."""
 
-import importlib.util
-from pathlib import Path
-
 import cv2
 import numpy as np
 
 from segohem.config import load_config
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "class_shape.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("class_shape", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .conftest import load_script
 
 
 def test_run_widths_are_the_horizontal_runs():
-    shape = load_script()
+    shape = load_script("class_shape")
     mask = np.zeros((3, 8), bool)
     mask[0, 1:4] = mask[0, 6:8] = mask[2, 0] = True  # runs of 3 and 2 (touching the edge), and 1
     assert shape.run_widths(mask).tolist() == [3, 2, 1]
@@ -27,7 +17,7 @@ def test_run_widths_are_the_horizontal_runs():
 
 
 def test_a_two_pixel_pole_vanishes_under_a_3x3_erosion_and_a_block_does_not(tmp_path):
-    shape = load_script()
+    shape = load_script("class_shape")
     labels = np.zeros((20, 20), np.uint8)
     labels[2:18, 3:5] = 1  # a vertical pole, 2 px wide, 32 pixels
     labels[5:10, 10:15] = 2  # a 5x5 block
