@@ -76,11 +76,11 @@ def recall_weights(
     epochs, epoch e weighted m ** (latest - e), back to the first epoch with missed counts, and
     the share is their ratio (m = 0: the latest epoch alone).
 
-    ``floor`` f > 0 raises every weight below f to f, after the normalization. With f = 1 the
+    ``floor`` f raises every weight below f to f, after the normalization. With f = 1 the
     missed classes are pushed up, and the ones the model already gets right all keep weight 1,
-    not pushed down against each other (measured without
-    it: road at 0.2 and pavement at 0.7 let the model call road pavement, and the two traded
-    pixels from epoch to epoch). The loss is a weighted mean, so only the ratios count.
+    not pushed down against each other (without it, road at 0.2 beside pavement at 0.7 let the
+    model call road pavement, and the two traded pixels from epoch to epoch). The loss is a
+    weighted mean, so only the ratios count.
 
     Unlike the hard fraction (`segohem.refine.class_weights_from_bank`), which saturates near 1
     for every thin class, the miss rate keeps falling for the classes the model is learning, so
@@ -101,8 +101,7 @@ def recall_weights(
         valid_sum += decay * stats.valid
     with np.errstate(invalid="ignore", divide="ignore"):
         missed = np.where(valid_sum > 0, missed_sum / np.maximum(valid_sum, 1e-12), np.nan)
-    weights = weights_from_shares(missed, power=power)
-    return np.maximum(weights, floor) if floor > 0 else weights
+    return np.maximum(weights_from_shares(missed, power=power), floor)
 
 
 class DictionaryCropDataset(Dataset[dict[str, Any]]):
