@@ -49,17 +49,15 @@ def found_counts(predicted: np.ndarray, labelled: np.ndarray, valid: np.ndarray,
         "label_near": int((labelled & near_pred).sum()), "pred_near": int((predicted & near_label).sum()),
         "regions": 0, "regions_found": 0, "region_px": 0, "found_px": 0,
     }  # fmt: skip
-    count, regions = cv2.connectedComponents(labelled.astype(np.uint8), connectivity=8)
-    for region in range(1, count):
-        pixels = regions == region
-        size = int(pixels.sum())
-        if size < min_pixels:
-            continue
-        found = bool((pixels & near_pred).any())
-        counts["regions"] += 1
-        counts["regions_found"] += found
-        counts["region_px"] += size
-        counts["found_px"] += size * found
+    _, regions = cv2.connectedComponents(labelled.astype(np.uint8), connectivity=8)
+    sizes = np.bincount(regions.ravel())  # index 0: the background
+    counted = sizes >= min_pixels
+    counted[0] = False
+    found = np.zeros(len(sizes), bool)
+    found[regions[near_pred]] = True
+    found &= counted
+    counts.update(regions=int(counted.sum()), regions_found=int(found.sum()), region_px=int(sizes[counted].sum()),
+                  found_px=int(sizes[found].sum()))  # fmt: skip
     return counts
 
 
