@@ -178,6 +178,7 @@ class DataConfig:
 
 
 FILE_KINDS = ("folder", "camvid", "cityscapes", "ade20k", "voc")  # data kinds read from data.root
+SPLITS = ("train", "val", "test")  # the splits a dataset has; data.<split>_images/_masks name their folders
 FOLDER_KINDS = ("folder", "camvid")  # kinds whose layout and label encoding the config describes
 
 

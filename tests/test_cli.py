@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -100,3 +102,14 @@ def test_version_and_print_config(capsys):
     assert main(["train", "--print-config", "ohem.mode=topk"]) == 0
     printed = capsys.readouterr().out
     assert "mode: topk" in printed and "eval_every" in printed
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["eval", "--no-such-option"]])
+def test_help_version_and_usage_errors_do_not_import_torch(argv):
+    # the commands import torch (seconds); what argparse answers alone must not wait for it
+    code = (
+        f"import sys; from segohem.cli import main\ntry: main({argv!r})\nexcept SystemExit: pass\n"
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "False"

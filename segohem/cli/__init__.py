@@ -8,7 +8,20 @@ import os
 # cost nothing measurable when the cores are free. An explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from typing import TYPE_CHECKING, Any
+
 from segohem.cli.main import main
-from segohem.cli.train import run_train
+
+if TYPE_CHECKING:
+    from segohem.cli.train import run_train
 
 __all__ = ["main", "run_train"]
+
+
+def __getattr__(name: str) -> Any:
+    # run_train imports torch; `segohem --help` (this package's main) must not wait for it
+    if name == "run_train":
+        from segohem.cli.train import run_train
+
+        return run_train
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,15 +7,10 @@ import sys
 from pathlib import Path
 
 from segohem import __version__
-from segohem.cli.check_data import run_check_data
-from segohem.cli.commands import run_eval, run_hard_pixels, run_mine, run_predict, run_viz
-from segohem.cli.export import run_export, run_predict_onnx
-from segohem.cli.train import run_train
-from segohem.cli.upgrade import upgrade_checkpoint
-from segohem.config import Config, ConfigError, describe_config, load_config
-from segohem.data import SPLITS, dataset_error_message
-from segohem.engine.loop import BANK_FILE, TrainingDiverged
-from segohem.engine.run_folder import RunFolderBusy
+from segohem.config import SPLITS, Config, ConfigError, describe_config, load_config
+
+# The commands import torch (seconds): they are imported once the arguments are parsed, so that
+# `segohem --help`, `--version` and a mistyped option answer at once.
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -102,6 +97,13 @@ def train_config(args: argparse.Namespace) -> Config:
 
 
 def dispatch(args: argparse.Namespace) -> int:
+    from segohem.cli.check_data import run_check_data
+    from segohem.cli.commands import run_eval, run_hard_pixels, run_mine, run_predict, run_viz
+    from segohem.cli.export import run_export, run_predict_onnx
+    from segohem.cli.train import run_train
+    from segohem.cli.upgrade import upgrade_checkpoint
+    from segohem.engine.loop import BANK_FILE
+
     if args.command == "train":
         cfg = train_config(args)
         if args.print_config:
@@ -153,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     2: bad input (config, data, checkpoint, store, a busy run folder); 3: training diverged.
     """
     args = make_parser().parse_args(argv)
+    from segohem.data import dataset_error_message
+    from segohem.engine.loop import TrainingDiverged
+    from segohem.engine.run_folder import RunFolderBusy
+
     try:
         return dispatch(args)
     except TrainingDiverged as err:

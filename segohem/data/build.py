@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from segohem.config import AugmentConfig, ConfigError, DataConfig
+from segohem.config import SPLITS, AugmentConfig, ConfigError, DataConfig
 from segohem.data.datasets import PairedDataset, SegmentationDataset, SyntheticDataset
 from segohem.data.kinds import dataset_files, split_folders
 from segohem.data.labels import MAX_PACKED_CLASSES
@@ -11,7 +11,6 @@ from segohem.data.transforms import build_eval_transform, build_train_transform
 
 __all__ = ["SPLITS", "ClassInfo", "build_dataset", "class_info", "split_folders"]
 
-SPLITS = ("train", "val", "test")  # the splits build_dataset knows; data.<split>_images/_masks name their folders
 BINARY_CLASSES = ("background", "foreground")  # data.mask_format=binary without data.class_names
 
 
