@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from segohem.cli.build import build_eval_loader
-from segohem.engine.inference import eval_logits, valid_sizes, working_size_of
-from segohem.engine.loop import autocast_context
+from segohem.engine.loop import eval_batches, run_eval_settings
 from segohem.engine.run import TrainingRun
 from segohem.metrics import ConfusionMatrix
 
@@ -45,24 +44,16 @@ def main() -> None:
     index, num_classes = names.index(args.class_name), run.classes.num_classes
     if run.classes.multilabel:
         parser.error("multi-label checkpoints decide each class by its own sigmoid; there is no argmax to bias")
-    run.model.eval()
     print(f"{args.checkpoint}: bias on the {args.class_name} logit")
     print(f"{'split':6} {'bias':>5} {'IoU':>6} {'acc':>6} {'mIoU':>6}")
     for split in args.split:
         started = time.perf_counter()
         confusions = {bias: ConfusionMatrix(num_classes, ignore_index=run.classes.ignore_index) for bias in args.biases}
-        with torch.no_grad():
-            for batch in build_eval_loader(cfg, split=split):
-                valid_hw = valid_sizes(batch["source_hw"], working_size_of(cfg.data))
-                with autocast_context(run.device, cfg.train.amp):  # as the trainer's evaluation runs
-                    logits = eval_logits(run.model, batch["image"].to(run.device), cfg=cfg.eval,
-                                         num_classes=num_classes, size_divisor=cfg.augment.pad_divisor,
-                                         valid_hw=valid_hw)  # fmt: skip
-                mask = batch["mask"].to(run.device)
-                for bias, confusion in confusions.items():
-                    shifted = logits.clone()
-                    shifted[:, index] += bias
-                    confusion.update(shifted.argmax(1), mask)
+        for logits, mask in eval_batches(run.model, build_eval_loader(cfg, split=split), **run_eval_settings(run)):
+            for bias, confusion in confusions.items():
+                shifted = logits.clone()
+                shifted[:, index] += bias
+                confusion.update(shifted.argmax(1), mask)
         for bias, confusion in confusions.items():
             scores = confusion.compute()
             print(f"{split:6} {bias:5.1f} {100 * scores['iou'][index]:6.2f} {100 * scores['acc'][index]:6.2f} "

@@ -26,11 +26,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 
 from segohem.cli.build import build_eval_loader
-from segohem.engine.inference import eval_logits, valid_sizes, working_size_of
-from segohem.engine.loop import autocast_context
+from segohem.engine.loop import eval_batches, run_eval_settings
 from segohem.engine.run import TrainingRun
 
 COUNTS = ("label", "pred", "hit", "label_near", "pred_near", "regions", "regions_found", "region_px", "found_px")
@@ -97,22 +95,15 @@ def main() -> None:
     index, ignore = names.index(args.class_name), run.classes.ignore_index
     tolerances = sorted({0, *args.tolerance})
     totals = {t: dict.fromkeys(COUNTS, 0) for t in tolerances}
-    run.model.eval()
     started = time.perf_counter()
-    with torch.no_grad():
-        for batch in build_eval_loader(cfg, split=args.split):
-            valid_hw = valid_sizes(batch["source_hw"], working_size_of(cfg.data))
-            with autocast_context(run.device, cfg.train.amp):  # as the trainer's evaluation runs
-                logits = eval_logits(run.model, batch["image"].to(run.device), cfg=cfg.eval,
-                                     num_classes=run.classes.num_classes, size_divisor=cfg.augment.pad_divisor,
-                                     valid_hw=valid_hw)  # fmt: skip
-            predictions, masks = logits.argmax(1).cpu().numpy(), batch["mask"].numpy()
-            for predicted, mask in zip(predictions, masks, strict=True):
-                for t in tolerances:
-                    image = found_counts(predicted == index, mask == index, mask != ignore, tolerance=t,
-                                         min_pixels=args.min_pixels)  # fmt: skip
-                    for key, value in image.items():
-                        totals[t][key] += value
+    batches = eval_batches(run.model, build_eval_loader(cfg, split=args.split), **run_eval_settings(run))
+    for logits, masks in batches:  # as the trainer's evaluation sees them
+        for predicted, mask in zip(logits.argmax(1).cpu().numpy(), masks.cpu().numpy(), strict=True):
+            for t in tolerances:
+                image = found_counts(predicted == index, mask == index, mask != ignore, tolerance=t,
+                                     min_pixels=args.min_pixels)  # fmt: skip
+                for key, value in image.items():
+                    totals[t][key] += value
     print(f"{args.checkpoint}: {args.class_name} on {args.split} ({time.perf_counter() - started:.0f} s; regions of "
           f">= {args.min_pixels} px: {totals[0]['regions']})")  # fmt: skip
     print("tol px    IoU  recall  precision  regions found  their pixels")

@@ -23,7 +23,7 @@ from segohem.data import IMAGE_SUFFIXES, DatasetError, display_path
 from segohem.data.images import ImageListDataset
 from segohem.data.transforms import build_eval_transform
 from segohem.engine.inference import eval_logits, working_size_of
-from segohem.engine.loop import BANK_FILE, autocast_context, evaluate
+from segohem.engine.loop import BANK_FILE, autocast_context, evaluate, run_eval_settings
 from segohem.engine.mine import mine_split
 from segohem.engine.run import TrainingRun
 from segohem.gallery import choose_ids, write_gallery
@@ -45,10 +45,7 @@ def run_eval(checkpoint: Path, *, split: str, overrides: list[str], output: Path
     run, _ = TrainingRun.for_inference(checkpoint, overrides)
     loader = build_eval_loader(run.config, split=split)
     started = time.perf_counter()
-    cfg = run.config
-    metrics = evaluate(run.model, loader, device=run.device, classes=run.classes, eval_cfg=cfg.eval,
-                       pad_divisor=cfg.augment.pad_divisor, working_size=working_size_of(cfg.data),
-                       amp=cfg.train.amp, progress=cfg.train.progress)  # fmt: skip
+    metrics = evaluate(run.model, loader, **run_eval_settings(run, progress=run.config.train.progress))
     seconds = time.perf_counter() - started
     count = len(eval_dataset(loader))
     print(f"{checkpoint} on {split}: {count} images in {seconds:.1f}s ({count / seconds:.1f} images/s)")

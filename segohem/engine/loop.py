@@ -6,7 +6,7 @@ import random
 import time
 import warnings
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -237,14 +237,13 @@ def train_one_epoch(run: TrainingRun, loader: DataLoader[Any], *, logger: Logger
     return stats
 
 
-@torch.no_grad()
-def evaluate(
+def eval_batches(
     model: nn.Module, loader: Iterable[dict[str, Any]], *, device: torch.device, classes: ClassInfo,
     eval_cfg: EvalConfig | None = None, pad_divisor: int = 1, working_size: tuple[int, int] | None = None,
     amp: str = "none", progress: bool = False,
-) -> dict[str, Any]:  # fmt: skip
-    """Confusion-matrix metrics over ``loader`` (see `ConfusionMatrix.compute`; multi-label
-    classes: `MultiLabelConfusion.compute`, a class present where its logit is above 0).
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """(logits, mask) of each batch of ``loader``, both on ``device``, as the evaluation sees them:
+    the model in eval mode, no gradients, under ``amp``'s autocast.
 
     Logits come from `eval_logits` with ``eval_cfg`` (None: whole padded images), model inputs
     padded to ``pad_divisor`` (``augment.pad_divisor``); ``working_size`` is ``data.resize``
@@ -252,19 +251,40 @@ def evaluate(
     """
     model.eval()
     eval_cfg = eval_cfg or EvalConfig()
+    for batch in tqdm(loader, desc="eval", disable=not (progress and is_main_process()), leave=False):
+        images = batch["image"].to(device, non_blocking=True)
+        valid_hw = valid_sizes(batch["source_hw"], working_size)
+        with torch.no_grad(), autocast_context(device, amp):
+            logits = eval_logits(model, images, cfg=eval_cfg, num_classes=classes.num_classes,
+                                 size_divisor=pad_divisor, valid_hw=valid_hw,
+                                 multilabel=classes.multilabel)  # fmt: skip
+        yield logits, batch["mask"].to(device)
+
+
+def run_eval_settings(run: TrainingRun, *, progress: bool = False) -> dict[str, Any]:
+    """The keyword arguments of `eval_batches` and `evaluate` that evaluate ``run`` as its trainer does."""
+    cfg = run.config
+    return {"device": run.device, "classes": run.classes, "eval_cfg": cfg.eval, "pad_divisor": cfg.augment.pad_divisor,
+            "working_size": working_size_of(cfg.data), "amp": cfg.train.amp, "progress": progress}  # fmt: skip
+
+
+def evaluate(
+    model: nn.Module, loader: Iterable[dict[str, Any]], *, device: torch.device, classes: ClassInfo,
+    eval_cfg: EvalConfig | None = None, pad_divisor: int = 1, working_size: tuple[int, int] | None = None,
+    amp: str = "none", progress: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """Confusion-matrix metrics over ``loader`` (see `ConfusionMatrix.compute`; multi-label
+    classes: `MultiLabelConfusion.compute`, a class present where its logit is above 0), from the
+    logits of `eval_batches` (which the arguments are passed to).
+    """
     confusion: ConfusionMatrix | MultiLabelConfusion
     if classes.multilabel:
         confusion = MultiLabelConfusion(classes.num_classes, ignore_index=classes.ignore_index)
     else:
         confusion = ConfusionMatrix(classes.num_classes, ignore_index=classes.ignore_index)
-    for batch in tqdm(loader, desc="eval", disable=not (progress and is_main_process()), leave=False):
-        images = batch["image"].to(device, non_blocking=True)
-        valid_hw = valid_sizes(batch["source_hw"], working_size)
-        with autocast_context(device, amp):
-            logits = eval_logits(model, images, cfg=eval_cfg, num_classes=classes.num_classes,
-                                 size_divisor=pad_divisor, valid_hw=valid_hw,
-                                 multilabel=classes.multilabel)  # fmt: skip
-        mask = batch["mask"].to(device)
+    batches = eval_batches(model, loader, device=device, classes=classes, eval_cfg=eval_cfg, pad_divisor=pad_divisor,
+                           working_size=working_size, amp=amp, progress=progress)  # fmt: skip
+    for logits, mask in batches:
         if classes.multilabel:
             confusion.update(logits > 0, unpack_labels(mask, num_classes=classes.num_classes,
                                                        ignore_index=classes.ignore_index))  # fmt: skip
@@ -382,10 +402,7 @@ def fit(run: TrainingRun, loaders: Loaders, *, run_dir: Path, logger: Logger) ->
         final = stopping or progress.epoch == train_cfg.epochs
         val = None
         if progress.epoch % train_cfg.eval_every == 0 or final:
-            val = evaluate(run.model, loaders.val, device=run.device, classes=run.classes, eval_cfg=run.config.eval,
-                           pad_divisor=run.config.augment.pad_divisor,
-                           working_size=working_size_of(run.config.data), amp=train_cfg.amp,
-                           progress=progress_bar)  # fmt: skip
+            val = evaluate(run.model, loaders.val, **run_eval_settings(run, progress=progress_bar))
             if is_main_process():
                 tqdm.write(
                     f"epoch {progress.epoch}/{train_cfg.epochs}  step {progress.step}  "
