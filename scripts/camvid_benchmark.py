@@ -105,6 +105,11 @@ FULL_METHODS: dict[str, list[str]] = {
     "combo-rp": [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",
                  "ohem.class_min_kept=0.1", "mining.sampler=class", "mining.class_weight_power=1",
                  "ohem.class_weight_predicted=true"],
+    # both fixes at once: combo-rf's floored weights (large classes kept at 1) and combo-rp's
+    # charging of false positives at the predicted class's weight (defined before its first run)
+    "combo-rpf": [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",
+                  "ohem.class_min_kept=0.1", "mining.sampler=class", "mining.class_weight_power=2",
+                  "mining.class_weight_floor=1", "ohem.class_weight_predicted=true"],
     # outside the protocol: combo-c with twice the steps, to ask whether the thin classes are
     # limited by the schedule (not paired with the 720-step runs)
     "combo-c-long": [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",

@@ -102,3 +102,18 @@ def test_a_result_records_the_commit_its_run_started_on(bench, tmp_path, monkeyp
     (args.results / "topk-s0.json").unlink()
     monkeypatch.setattr(bench, "provenance", lambda: {"commit": "resumed-here", "cpu": "c", "gpu": "none"})
     assert json.loads(bench.run_one("topk", 0, args).read_text())["commit"] == "started-here"
+
+
+@pytest.mark.parametrize("protocol", ["half", "full"])
+def test_every_method_is_a_config_segohem_accepts(bench, tmp_path, protocol):
+    # a mistyped key or value in a method's definition fails here, not an hour into the grid
+    from segohem.config import load_config
+
+    args = arguments(tmp_path)
+    args.protocol = protocol
+    config_name, methods = bench.PROTOCOLS[protocol]
+    for method in methods:
+        [command], _ = bench.commands_for(method, 0, args)
+        overrides = command[command.index(str(bench.ROOT / "configs" / config_name)) + 1 :]
+        cfg = load_config(bench.ROOT / "configs" / config_name, overrides)
+        assert cfg.run.name == f"{method}-s0", method
