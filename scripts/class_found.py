@@ -11,7 +11,9 @@ With the checkpoint's own evaluation (``eval`` section), over one split, for one
   (on labelled pixels) within t px of a labelled one;
 * instances found: the labelled class's connected regions (8-connected, at least
   ``--min-pixels``) with at least one predicted pixel within t px, as a share of the regions
-  and of their pixels.
+  and of their pixels;
+* where its pixels go: the predicted classes of its labelled pixels, and the labelled classes of
+  the pixels predicted as it (the class's row and column of the confusion matrix, in percent).
 
 If tolerant recall and the share of instances found stay low, the model does not detect the
 class; if they jump at t = 1 while strict IoU is low, it finds the class and misplaces its
@@ -59,6 +61,16 @@ def found_counts(predicted: np.ndarray, labelled: np.ndarray, valid: np.ndarray,
     return counts
 
 
+def row_and_column(predicted: np.ndarray, mask: np.ndarray, *, index: int, num_classes: int,
+                   ignore_index: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Class ``index``'s confusion row (predicted classes of its labelled pixels) and column
+    (labelled classes of the pixels predicted as it, ignored pixels left out), as counts per class,
+    from integer (H, W) label maps ``predicted`` and ``mask``."""
+    row = np.bincount(predicted[mask == index], minlength=num_classes)
+    column = np.bincount(mask[(predicted == index) & (mask != ignore_index)], minlength=num_classes)
+    return row[:num_classes], column[:num_classes]
+
+
 def scores(counts: dict[str, int]) -> dict[str, float]:
     """Percentages from summed counts."""
 
@@ -95,10 +107,14 @@ def main() -> None:
     index, ignore = names.index(args.class_name), run.classes.ignore_index
     tolerances = sorted({0, *args.tolerance})
     totals = {t: dict.fromkeys(COUNTS, 0) for t in tolerances}
+    row, column = np.zeros(len(names), np.int64), np.zeros(len(names), np.int64)
     started = time.perf_counter()
     batches = eval_batches(run.model, build_eval_loader(cfg, split=args.split), **run_eval_settings(run))
     for logits, masks in batches:  # as the trainer's evaluation sees them
         for predicted, mask in zip(logits.argmax(1).cpu().numpy(), masks.cpu().numpy(), strict=True):
+            image_row, image_column = row_and_column(predicted, mask, index=index, num_classes=len(names),
+                                                     ignore_index=ignore)  # fmt: skip
+            row, column = row + image_row, column + image_column
             for t in tolerances:
                 image = found_counts(predicted == index, mask == index, mask != ignore, tolerance=t,
                                      min_pixels=args.min_pixels)  # fmt: skip
@@ -112,6 +128,10 @@ def main() -> None:
         recall, precision = (s["recall"], s["precision"]) if t == 0 else (s["tolerant_recall"], s["tolerant_precision"])
         iou = f"{s['iou']:6.2f}" if t == 0 else "     -"
         print(f"{t:6d} {iou} {recall:7.2f} {precision:10.2f} {s['regions_found']:14.1f} {s['region_px_found']:13.1f}")
+    into, taken = f"% of labelled {args.class_name} predicted as", f"% of predicted {args.class_name} labelled as"
+    print(f"\n{'class':14} {into:>{len(into)}} {taken:>{len(taken)}}")
+    for name, r, c in zip(names, 100 * row / max(row.sum(), 1), 100 * column / max(column.sum(), 1), strict=True):
+        print(f"{name:14} {r:{len(into)}.1f} {c:{len(taken)}.1f}")
 
 
 if __name__ == "__main__":

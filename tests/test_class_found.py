@@ -35,3 +35,14 @@ def test_nothing_predicted_or_labelled_gives_nan_not_an_error():
     empty = np.zeros((4, 4), bool)
     s = found.scores(found.found_counts(empty, empty, np.ones((4, 4), bool), tolerance=1))
     assert all(np.isnan(v) for v in s.values())
+
+
+def test_row_and_column_count_where_a_class_goes_and_what_takes_its_place():
+    found = load_script("class_found")
+    mask = np.array([[2, 2, 1, 1], [2, 2, 0, 255]])
+    predicted = np.array([[2, 1, 2, 1], [0, 2, 2, 2]])
+    row, column = found.row_and_column(predicted, mask, index=2, num_classes=3, ignore_index=255)
+    # labelled 2 (four pixels): predicted 2, 1, 0, 2; predicted 2 on labelled 2, 1, 2, 0 (the ignored one left out)
+    assert row.tolist() == [1, 1, 2] and column.tolist() == [1, 1, 2]
+    row, column = found.row_and_column(predicted, mask, index=1, num_classes=3, ignore_index=255)
+    assert row.tolist() == [0, 1, 1] and column.tolist() == [0, 1, 1]
