@@ -104,9 +104,11 @@ def test_version_and_print_config(capsys):
     assert "mode: topk" in printed and "eval_every" in printed
 
 
-@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["eval", "--no-such-option"]])
-def test_help_version_and_usage_errors_do_not_import_torch(argv):
-    # the commands import torch (seconds); what argparse answers alone must not wait for it
+@pytest.mark.parametrize(
+    "argv", [["--version"], ["--help"], ["eval", "--no-such-option"], ["train", "--print-config", "ohem.mode=topk"]]
+)
+def test_help_version_usage_errors_and_print_config_do_not_import_torch(argv):
+    # the commands import torch (seconds); what argparse or the config answers alone must not wait for it
     code = (
         f"import sys; from segohem.cli import main\ntry: main({argv!r})\nexcept SystemExit: pass\n"
         "print('torch' in sys.modules)"

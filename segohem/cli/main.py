@@ -97,6 +97,9 @@ def train_config(args: argparse.Namespace) -> Config:
 
 
 def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "train" and args.print_config:  # answered from the config alone, without torch
+        print(describe_config(train_config(args)))
+        return 0
     from segohem.cli.check_data import run_check_data
     from segohem.cli.commands import run_eval, run_hard_pixels, run_mine, run_predict, run_viz
     from segohem.cli.export import run_export, run_predict_onnx
@@ -105,11 +108,7 @@ def dispatch(args: argparse.Namespace) -> int:
     from segohem.engine.loop import BANK_FILE
 
     if args.command == "train":
-        cfg = train_config(args)
-        if args.print_config:
-            print(describe_config(cfg))
-            return 0
-        run_train(cfg, resume_from=args.resume)
+        run_train(train_config(args), resume_from=args.resume)
         return 0
     if args.command == "refine":
         defaults = [f"run.output_dir={args.run.parent}", f"run.name={args.run.name}-refine",
@@ -155,15 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     2: bad input (config, data, checkpoint, store, a busy run folder); 3: training diverged.
     """
     args = make_parser().parse_args(argv)
-    from segohem.data import dataset_error_message
-    from segohem.engine.loop import TrainingDiverged
-    from segohem.engine.run_folder import RunFolderBusy
-
     try:
         return dispatch(args)
-    except TrainingDiverged as err:
-        print(f"segohem {args.command}: error: {err}", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError, KeyError, RunFolderBusy) as err:  # Config/Dataset/Checkpoint/StoreError
-        print(f"segohem {args.command}: error: {dataset_error_message(err)}", file=sys.stderr)
-        return 2
+    except Exception as err:  # the error types are imported here: the commands import them (and torch) anyway
+        from segohem.data import dataset_error_message
+        from segohem.engine.loop import TrainingDiverged
+        from segohem.engine.run_folder import RunFolderBusy
+
+        if isinstance(err, TrainingDiverged):
+            print(f"segohem {args.command}: error: {err}", file=sys.stderr)
+            return 3
+        if isinstance(err, (ValueError, FileNotFoundError, KeyError, RunFolderBusy)):  # Dataset/Checkpoint/StoreError
+            print(f"segohem {args.command}: error: {dataset_error_message(err)}", file=sys.stderr)
+            return 2
+        raise
