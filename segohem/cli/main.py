@@ -10,7 +10,7 @@ from segohem import __version__
 from segohem.config import SPLITS, Config, ConfigError, describe_config, load_config
 
 # The commands import torch (seconds): they are imported once the arguments are parsed, so that
-# `segohem --help`, `--version` and a mistyped option answer at once.
+# `segohem --help`, `--version`, a mistyped option and `train --print-config` answer at once.
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, TrainingDiverged):
             print(f"segohem {args.command}: error: {err}", file=sys.stderr)
             return 3
-        if isinstance(err, (ValueError, FileNotFoundError, KeyError, RunFolderBusy)):  # Dataset/Checkpoint/StoreError
+        # ConfigError, DatasetError, CheckpointError and StoreError are ValueErrors
+        if isinstance(err, (ValueError, FileNotFoundError, KeyError, RunFolderBusy)):
             print(f"segohem {args.command}: error: {dataset_error_message(err)}", file=sys.stderr)
             return 2
         raise
