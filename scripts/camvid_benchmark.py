@@ -69,6 +69,9 @@ FULL_PROTOCOL = [
     "data.num_workers=0", "train.epochs=16", "train.eval_every=4", "eval.mode=whole",
 ]  # fmt: skip
 TOPK = ["ohem.mode=topk", "ohem.top_k=0.2"]
+# the chosen combination (tuning seed 100), which the later methods build on
+COMBO_C = [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",
+           "ohem.class_min_kept=0.1", "mining.sampler=class"]  # fmt: skip
 FULL_METHODS: dict[str, list[str]] = {
     "plain": ["ohem.mode=none"],
     "topk": TOPK,
@@ -82,38 +85,29 @@ FULL_METHODS: dict[str, list[str]] = {
                 "ohem.class_min_kept=0.1"],
     "combo-b": [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",
                 "ohem.class_min_kept=0.1", "ohem.region_loss=lovasz", "ohem.region_weight=0.5"],
-    "combo-c": [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",
-                "ohem.class_min_kept=0.1", "mining.sampler=class"],
+    "combo-c": COMBO_C,
     "combo-d": [*TOPK, "mining.hard_crop_prob=0.5", "mining.start_epoch=2", "ohem.class_min_kept=0.1",
                 "ohem.region_loss=lovasz", "ohem.region_weight=0.5"],
     # hard rare-class regions pasted into half the crops, alone and on top of combo-c
     "paste": [*TOPK, "mining.paste_prob=0.5", "mining.start_epoch=2"],
-    "combo-e": [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",
-                "ohem.class_min_kept=0.1", "mining.sampler=class", "mining.paste_prob=0.5"],
+    "combo-e": [*COMBO_C, "mining.paste_prob=0.5"],
     # recall weights (class weights from the share of each class's pixels the dictionary's
     # previous epoch missed), alone and on top of combo-c
     "recall": [*TOPK, "mining.class_weight_power=1", "mining.start_epoch=2"],
-    "combo-r": [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",
-                "ohem.class_min_kept=0.1", "mining.sampler=class", "mining.class_weight_power=1"],
+    "combo-r": [*COMBO_C, "mining.class_weight_power=1"],
     # combo-r with no class weighed below 1 (road and pavement stay 1 : 1), power 2 so that pole
     # weighs about as much against building and tree as in combo-r (defined before its first run)
-    "combo-rf": [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",
-                 "ohem.class_min_kept=0.1", "mining.sampler=class", "mining.class_weight_power=2",
-                 "mining.class_weight_floor=1"],
+    "combo-rf": [*COMBO_C, "mining.class_weight_power=2", "mining.class_weight_floor=1"],
     # combo-r with a pixel weighed by the larger of its true and its predicted class's weight: with recall
     # weights the model found most poles but 4 in 5 of its pole pixels were false (scripts/class_found.py)
-    "combo-rp": [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",
-                 "ohem.class_min_kept=0.1", "mining.sampler=class", "mining.class_weight_power=1",
-                 "ohem.class_weight_predicted=true"],
+    "combo-rp": [*COMBO_C, "mining.class_weight_power=1", "ohem.class_weight_predicted=true"],
     # both fixes at once: combo-rf's floored weights (large classes kept at 1) and combo-rp's
     # charging of false positives at the predicted class's weight (defined before its first run)
-    "combo-rpf": [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",
-                  "ohem.class_min_kept=0.1", "mining.sampler=class", "mining.class_weight_power=2",
-                  "mining.class_weight_floor=1", "ohem.class_weight_predicted=true"],
+    "combo-rpf": [*COMBO_C, "mining.class_weight_power=2", "mining.class_weight_floor=1",
+                  "ohem.class_weight_predicted=true"],
     # outside the protocol: combo-c with twice the steps, to ask whether the thin classes are
     # limited by the schedule (not paired with the 720-step runs)
-    "combo-c-long": [*TOPK, "mining.hard_crop_prob=0.25", "mining.rare_crop_prob=0.25", "mining.start_epoch=2",
-                     "ohem.class_min_kept=0.1", "mining.sampler=class", "train.epochs=32"],
+    "combo-c-long": [*COMBO_C, "train.epochs=32"],
 }  # fmt: skip
 PROTOCOLS = {"half": ("camvid.yaml", METHODS), "full": ("camvid_full.yaml", FULL_METHODS)}
 
