@@ -115,3 +115,19 @@ def test_help_version_usage_errors_and_print_config_do_not_import_torch(argv):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    # `segohem train --print-config | head -1`: the pipe's reader is gone before the config is written
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "segohem.cli", "train", "--print-config"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")

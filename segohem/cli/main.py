@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -151,11 +152,16 @@ def dispatch(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a known failure is one line on stderr and a non-zero exit status.
 
-    2: bad input (config, data, checkpoint, store, a busy run folder); 3: training diverged.
+    2: bad input (config, data, checkpoint, store, a busy run folder); 3: training diverged;
+    141: whoever read stdout closed it (as for a command a shell's pipe ended with SIGPIPE).
     """
     args = make_parser().parse_args(argv)
     try:
         return dispatch(args)
+    except BrokenPipeError:  # the reader of stdout went away (`segohem train --print-config | head`)
+        # what is still buffered for stdout would raise again at exit: send it nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a command ended by SIGPIPE
     except Exception as err:  # the error types are imported here: the commands import them (and torch) anyway
         from segohem.data import dataset_error_message
         from segohem.engine.loop import TrainingDiverged
