@@ -60,9 +60,9 @@ def one_crop(dataset: DictionaryCropDataset, index: int, kind: str) -> dict:
         if kind == "pasted":
             dataset._paste(index, sample)
         return sample
-    sample = dataset._placed(index, kind, np.random.default_rng(index))
-    assert sample is not None
-    return sample
+    placed = dataset._placed(index, kind, np.random.default_rng(index))
+    assert placed is not None
+    return placed
 
 
 def print_class_shares(dataset: DictionaryCropDataset, base) -> None:

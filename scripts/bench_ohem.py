@@ -57,6 +57,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def with_target(
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], target: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda logits: fn(logits, target)
+
+
 def median_ms(fn: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor, repeats: int) -> float:
     times = []
     for i in range(repeats + 1):
@@ -101,9 +107,7 @@ def main() -> None:
         )
         logits, target = logits.to(device), target.to(device)
         kept = threshold_loss(logits, target).kept_fraction.mean().item()
-        timings = {
-            name: median_ms(lambda x, f=fn, t=target: f(x, t), logits, args.repeats) for name, fn in methods.items()
-        }
+        timings = {name: median_ms(with_target(fn, target), logits, args.repeats) for name, fn in methods.items()}
         for name, ms in timings.items():
             speedup = timings["sort-based ref"] / ms
             print(f"{scenario:<26}{name:<20}{ms:>9.1f}{ms / timings['plain CE']:>12.2f}{speedup:>12.2f}")

@@ -251,7 +251,7 @@ def summarize(results_dir: Path) -> str:
     for method, runs in ordered:
         mious = [100 * r["final_miou"] for r in runs.values()]
         references = [r for ref in (plain, topk) for r in ref.values()]
-        other = sorted({r.get("epochs") for r in runs.values()} - {r.get("epochs") for r in references})
+        other = sorted({r.get("epochs") for r in runs.values()} - {r.get("epochs") for r in references}, key=str)
         pairs = [f"not paired: {', '.join(map(str, other))} epochs"] * 4 if references and other else [
             paired(runs, plain, miou), paired(runs, threshold, miou), paired(runs, topk, miou),
             paired(runs, plain, rare),
