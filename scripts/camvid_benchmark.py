@@ -108,7 +108,14 @@ FULL_METHODS: dict[str, list[str]] = {
     # outside the protocol: combo-c with twice the steps, to ask whether the thin classes are
     # limited by the schedule (not paired with the 720-step runs)
     "combo-c-long": [*COMBO_C, "train.epochs=32"],
+    # outside the protocol: combo-c with every image twice as large, in training (crops of images
+    # rescaled by 1.5-3x) and at evaluation (val images at 2x, predictions resized back to the
+    # labels), so a pole is about 6 px wide rather than 3; asks whether the thin classes are limited
+    # by their width in pixels (not paired with the 1x runs)
+    "combo-c-2x": [*COMBO_C, "augment.scale=[1.5,3.0]", "eval.scales=[2.0]"],
 }  # fmt: skip
+# settings a method may not change and still pair with the protocol's runs
+PROTOCOL_KEYS = {setting.split("=")[0] for setting in FULL_PROTOCOL}
 PROTOCOLS = {"half": ("camvid.yaml", METHODS), "full": ("camvid_full.yaml", FULL_METHODS)}
 
 
@@ -216,10 +223,18 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> Path:
     return result_path
 
 
+def outside_protocol(run: dict) -> list[str]:
+    """The settings of a run's definition that change the protocol: its schedule, augmentation or
+    evaluation (combo-c-long: ``train.epochs=32``)."""
+    keys = [(setting, setting.split("=")[0]) for setting in run.get("definition", []) if "=" in setting]
+    return [setting for setting, key in keys if key in PROTOCOL_KEYS or key.startswith(("augment.", "eval."))]
+
+
 def comparable(run: dict, reference: dict | None) -> bool:
-    """Whether two runs pair: the reference exists and both trained as many epochs (a method that
-    changes the schedule, such as combo-c-long, is listed but never paired with the protocol's)."""
-    return reference is not None and run.get("epochs") == reference.get("epochs")
+    """Whether two runs pair: the reference exists, both trained as many epochs, and neither changes
+    the protocol (a method that does, such as combo-c-long, is listed but never paired)."""
+    return (reference is not None and run.get("epochs") == reference.get("epochs")
+            and outside_protocol(run) == outside_protocol(reference))  # fmt: skip
 
 
 def paired(runs: dict[int, dict], reference: dict[int, dict], key) -> str:
@@ -251,8 +266,10 @@ def summarize(results_dir: Path) -> str:
     for method, runs in ordered:
         mious = [100 * r["final_miou"] for r in runs.values()]
         references = [r for ref in (plain, topk) for r in ref.values()]
-        other = sorted({r.get("epochs") for r in runs.values()} - {r.get("epochs") for r in references}, key=str)
-        pairs = [f"not paired: {', '.join(map(str, other))} epochs"] * 4 if references and other else [
+        epochs = {r.get("epochs") for r in runs.values()} - {r.get("epochs") for r in references}
+        changed = {setting for r in runs.values() for setting in outside_protocol(r)}
+        other = sorted(changed) or [f"{n} epochs" for n in sorted(epochs, key=str)]
+        pairs = [f"not paired: {', '.join(other)}"] * 4 if references and other else [
             paired(runs, plain, miou), paired(runs, threshold, miou), paired(runs, topk, miou),
             paired(runs, plain, rare),
         ]  # fmt: skip

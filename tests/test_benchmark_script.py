@@ -65,6 +65,14 @@ def test_summary_pairs_each_method_with_the_same_seed(bench, tmp_path):
     per_run = bench.summarize(tmp_path).split("Per run")[1]
     assert "| topk | 1 | 66.00 | +2.00 | +0.00 | 34.0 |" in per_run  # pole, the first rare class
     assert "| combo-c-long | 0 | 70.00 | - | - |" in per_run
+    # as is one that changes the augmentation or the evaluation, though it trains as many epochs
+    record = json.loads((tmp_path / "topk-s0.json").read_text())
+    record.update(method="combo-c-2x", definition=bench.FULL_METHODS["combo-c-2x"])
+    (tmp_path / "combo-c-2x-s0.json").write_text(json.dumps(record))
+    main_table = bench.summarize(tmp_path).split("Per-class")[0]
+    rows = {line.split(" | ")[0].strip("| "): line for line in main_table.splitlines()}
+    assert "not paired: augment.scale=[1.5,3.0], eval.scales=[2.0]" in rows["combo-c-2x"]
+    assert "mean" not in rows["combo-c-2x"]
 
 
 def test_hard_duplicate_nms_suppresses_overlapping_masks_keeping_the_hardest():
