@@ -87,6 +87,22 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path):
     assert run.progress.step == 2 and all(torch.isfinite(p).all() for p in run.model.parameters())
 
 
+def test_a_skipped_step_leaves_the_batch_norm_statistics_as_they_were(tmp_path):
+    run = toy_run(tmp_path, "train.max_nonfinite_steps=2")
+    model = nn.Sequential(run.model, nn.BatchNorm2d(NUM_CLASSES))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    run = dataclasses.replace(run, model=model, optimizer=optimizer, scheduler=scheduler)
+    before = [b.detach().clone() for b in run.model.buffers()]  # running mean, var and batch count
+    batches = toy_batches(2, nan_at=(0,))
+    train_one_epoch(run, batches[:1], logger=NullLogger())  # its forward pass moved them to NaN
+    assert run.progress.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, run.model.buffers(), strict=True))
+    train_one_epoch(run, batches[1:], logger=NullLogger())  # a finite step still moves them
+    assert run.progress.step == 1 and all(torch.isfinite(b.float()).all() for b in run.model.buffers())
+    assert not torch.equal(before[0], run.model[1].running_mean)
+
+
 def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
     run = toy_run(tmp_path, "train.max_nonfinite_steps=2")
     with pytest.raises(TrainingDiverged, match="2 optimizer steps in a row"):
