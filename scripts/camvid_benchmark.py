@@ -226,8 +226,8 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> Path:
 def outside_protocol(run: dict) -> list[str]:
     """The settings of a run's definition that change the protocol: its schedule, augmentation or
     evaluation (combo-c-long: ``train.epochs=32``)."""
-    keys = [(setting, setting.split("=")[0]) for setting in run.get("definition", []) if "=" in setting]
-    return [setting for setting, key in keys if key in PROTOCOL_KEYS or key.startswith(("augment.", "eval."))]
+    return [setting for setting in run.get("definition", [])
+            if (key := setting.split("=")[0]) in PROTOCOL_KEYS or key.startswith(("augment.", "eval."))]  # fmt: skip
 
 
 def comparable(run: dict, reference: dict | None) -> bool:
