@@ -3,6 +3,9 @@
 import dataclasses
 import json
 import pickle
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +15,13 @@ from torch import nn
 
 from segohem.cli import main, run_train
 from segohem.engine import loop
-from segohem.engine.checkpoint import CheckpointError, decode_arrays, load_checkpoint, save_checkpoint
+from segohem.engine.checkpoint import (
+    CheckpointError,
+    CheckpointWriteError,
+    decode_arrays,
+    load_checkpoint,
+    save_checkpoint,
+)
 from segohem.engine.loop import TrainingDiverged, train_one_epoch
 from segohem.engine.run import CHECKPOINT_FORMAT, TrainingRun
 from segohem.engine.run_folder import RunFolderBusy, lock_run_folder
@@ -280,3 +289,39 @@ def test_resuming_a_finished_run_does_nothing_and_a_shorter_schedule_is_refused(
     assert main(["refine", "--run", str(run_dir), "train.progress=false"]) == 2
     assert "raise train.epochs above it" in capsys.readouterr().err
     assert not (tmp_path / "tiny-refine" / "config.yaml").exists()
+
+
+def test_a_full_disk_stops_training_with_the_file_named_and_resume_goes_on(tmp_path):
+    resource = pytest.importorskip("resource")  # the file size limit stands in for a full disk
+
+    def one_mebibyte_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write raises EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+
+    cfg = tiny_config(tmp_path, "train.epochs=1")
+    run_train(cfg, resume_from=None)
+    run_dir = tmp_path / "tiny"
+    last_before = (run_dir / "last.pt").read_bytes()
+    assert len(last_before) > 2**20  # the limit refuses the next checkpoint, not the logs
+    command = [sys.executable, "-m", "segohem.cli", "train", "--resume", str(run_dir), "train.epochs=2"]
+    done = subprocess.run(command, capture_output=True, text=True, preexec_fn=one_mebibyte_files, timeout=600)
+    assert done.returncode == 4, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"could not write checkpoint {run_dir}" in done.stderr
+    assert f"MiB free in {run_dir}" in done.stderr and "the write stopped after 1.0 MiB" in done.stderr
+    assert "is unchanged" in done.stderr
+    assert (run_dir / "last.pt").read_bytes() == last_before
+    assert not list(run_dir.glob(".*.tmp"))
+    run_train(tiny_config(tmp_path, "train.epochs=2"), resume_from=run_dir)
+    assert load_checkpoint(run_dir / "last.pt")["progress"]["epoch"] == 2
+
+
+def test_a_failing_write_that_is_not_the_disk_is_not_called_a_write_error(tmp_path, monkeypatch):
+    def refuse(state, handle):
+        raise RuntimeError("Cannot save multiple tensors or storages that view the same data as different types")
+
+    monkeypatch.setattr(torch, "save", refuse)
+    with pytest.raises(RuntimeError, match="view the same data") as raised:
+        save_checkpoint({"x": 1}, tmp_path / "last.pt")
+    assert not isinstance(raised.value, CheckpointWriteError)
+    assert list(tmp_path.iterdir()) == []

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
 
 from segohem import __version__
 from segohem.config import SPLITS, Config, ConfigError, describe_config, load_config
+
+# what a full disk, a quota or a file size limit raise: the run stops with exit status 4
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 # The commands import torch (seconds): they are imported once the arguments are parsed, so that
 # `segohem --help`, `--version`, a mistyped option and `train --print-config` answer at once.
@@ -153,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command; a known failure is one line on stderr and a non-zero exit status.
 
     2: bad input (config, data, checkpoint, store, a busy run folder); 3: training diverged;
+    4: a checkpoint could not be written (a full disk; the previous one is intact, --resume goes on);
     141: whoever read stdout closed it (as for a command a shell's pipe ended with SIGPIPE).
     """
     args = make_parser().parse_args(argv)
@@ -164,12 +169,16 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # as a shell reports a command ended by SIGPIPE
     except Exception as err:  # the error types are imported here: the commands import them (and torch) anyway
         from segohem.data import dataset_error_message
+        from segohem.engine.checkpoint import CheckpointWriteError
         from segohem.engine.loop import TrainingDiverged
         from segohem.engine.run_folder import RunFolderBusy
 
         if isinstance(err, TrainingDiverged):
             print(f"segohem {args.command}: error: {err}", file=sys.stderr)
             return 3
+        if isinstance(err, CheckpointWriteError) or (isinstance(err, OSError) and err.errno in DISK_FULL):
+            print(f"segohem {args.command}: error: {err}", file=sys.stderr)
+            return 4
         # ConfigError, DatasetError, CheckpointError and StoreError are ValueErrors
         if isinstance(err, (ValueError, FileNotFoundError, KeyError, RunFolderBusy)):
             print(f"segohem {args.command}: error: {dataset_error_message(err)}", file=sys.stderr)

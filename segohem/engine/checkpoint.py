@@ -12,6 +12,7 @@ import pickle
 import pickletools
 import random
 import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -26,6 +27,10 @@ TEMP_SUFFIX = ".tmp"
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt or unsafe; the message names the file."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, no permission); the previous file is intact."""
 
 
 def encode_arrays(value: Any) -> Any:
@@ -82,17 +87,43 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     file; a temporary file a kill left behind is removed by `remove_stale_temporaries`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_SUFFIX)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_SUFFIX)
+    except OSError as err:
+        raise _write_error(path, err) from err
     try:
         with os.fdopen(handle, "wb") as tmp:
             torch.save(state, tmp)
             tmp.flush()
             os.fsync(tmp.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as err:
+        written = Path(tmp_name).stat().st_size if Path(tmp_name).exists() else 0
         Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(err, OSError) or (isinstance(err, RuntimeError) and _SHORT_WRITE.search(str(err))):
+            raise _write_error(path, err, written) from err
         raise
+
+
+# how torch.save reports a write the disk refused (a full disk, a file size limit)
+_SHORT_WRITE = re.compile(r"unexpected pos|write failed|failed writing")
+
+
+def _write_error(path: Path, err: BaseException, written: int = 0) -> CheckpointWriteError:
+    """The error for a checkpoint that could not be written: the file, the cause, the free space."""
+    folder = path.parent if path.parent.exists() else Path(path.anchor or ".")
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB free in {folder}"
+    except OSError:
+        free = f"free space in {folder} unknown"
+    stopped = f"the write stopped after {written / 2**20:,.1f} MiB" if written else "nothing was written"
+    cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    before = f"the previous {path.name} is unchanged" if path.exists() else f"there was no {path.name} before"
+    return CheckpointWriteError(
+        f"could not write checkpoint {path}: {stopped} ({cause}); {free}; {before}. "
+        "Free space or choose another run.output_dir, then continue with --resume"
+    )
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
