@@ -1,6 +1,7 @@
 import importlib.util
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -40,6 +41,24 @@ def tiny_config(tmp_path: Path, *overrides: str) -> Config:
             "model.encoder=resnet18", *overrides,
         ],
     )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def module_tmp_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Path]]:
+    """New folders for one test module's shared fixtures, deleted once the module is done.
+
+    A tiny run's checkpoints are about 170 MB each; kept to the end of the session, the shared
+    runs of every module would add up to gigabytes.
+    """
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

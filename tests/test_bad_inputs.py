@@ -47,17 +47,17 @@ SYNTHETIC_CLASSES = "sky, building, road, car, pole, sign, person"
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained_run(module_tmp_factory: Callable[[str], Path]) -> Path:
     """A tiny synthetic run folder (one optimizer step); rows that change a run work on a copy."""
-    tmp_path = tmp_path_factory.mktemp("trained")
+    tmp_path = module_tmp_factory("trained")
     run_train(tiny_config(tmp_path, "train.max_steps=1"), resume_from=None)
     return tmp_path / "tiny"
 
 
 @pytest.fixture(scope="module")
-def folder_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def folder_run(module_tmp_factory: Callable[[str], Path]) -> Path:
     """A run trained on a folder dataset that has train and val folders but no test folder."""
-    tmp_path = tmp_path_factory.mktemp("folder")
+    tmp_path = module_tmp_factory("folder")
     write_dataset(tmp_path / "data")
     argv = ["train", f"run.output_dir={tmp_path}", "run.name=folder", f"data.root={tmp_path / 'data'}"]
     assert main([*argv, *TINY, *FOLDER]) == 0

@@ -13,8 +13,8 @@ from .conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("run")
+def trained_run(module_tmp_factory):
+    tmp_path = module_tmp_factory("run")
     run_train(tiny_config(tmp_path, "train.max_steps=1"), resume_from=None)
     return tmp_path / "tiny"
 

@@ -218,12 +218,12 @@ def recorded_modes(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
+def tiny_checkpoint(module_tmp_factory):
     from segohem.cli import run_train
 
     from .conftest import tiny_config
 
-    tmp_path = tmp_path_factory.mktemp("run")
+    tmp_path = module_tmp_factory("run")
     run_train(tiny_config(tmp_path, "train.max_steps=1", "data.image_size=[40, 56]", "train.num_panels=1"),
               resume_from=None)  # fmt: skip
     return tmp_path / "tiny" / "last.pt"
