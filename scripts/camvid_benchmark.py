@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -337,6 +338,10 @@ def main() -> None:
     if unknown or (full and any(m in REFINE_METHODS or "@" in m for m in args.methods)):
         parser.error(f"methods {unknown or args.methods} are not part of the {args.protocol} protocol")
     if args.summary:
+        # a table for the terminal: when its reader goes away (`--summary | head`), end quietly, as
+        # Unix tools do, instead of with a traceback about a broken pipe
+        if hasattr(signal, "SIGPIPE"):
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         print(summarize(args.results))
         return
     args.results.mkdir(parents=True, exist_ok=True)

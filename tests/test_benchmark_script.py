@@ -2,6 +2,10 @@
 
 import argparse
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +130,22 @@ def test_every_method_loads_as_a_config(bench, tmp_path, protocol):
         overrides = command[command.index(str(bench.ROOT / "configs" / config_name)) + 1 :]
         cfg = load_config(bench.ROOT / "configs" / config_name, overrides)
         assert cfg.run.name == f"{method}-s0", method
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGPIPE"), reason="no SIGPIPE on this platform")
+def test_a_summary_whose_reader_goes_away_ends_without_a_traceback():
+    # `camvid_benchmark.py --summary | head -3`: the pipe's reader is gone before the table is written
+    script = Path(__file__).resolve().parents[1] / "scripts" / "camvid_benchmark.py"
+    results = Path(__file__).resolve().parents[1] / "docs" / "results" / "camvid-full"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script), "--protocol", "full", "--summary", "--results", str(results)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (-signal.SIGPIPE, "")
