@@ -17,7 +17,7 @@ from segohem.data.build import ClassInfo
 from segohem.data.datasets import SegmentationDataset
 from segohem.engine.panels import prediction_panels
 from segohem.losses import SegmentationLoss
-from segohem.visualize import render_panel
+from segohem.visualize import render_panel, write_png
 
 
 def choose_ids(bank: HardPixelBank | None, dataset: SegmentationDataset, *, num: int) -> list[str]:
@@ -52,7 +52,7 @@ def write_gallery(
         picture = render_panel(panel, names=classes.names, palette=classes.palette, ignore_index=classes.ignore_index,
                                hardness=stats.hardness if stats is not None else None)  # fmt: skip
         name = f"{sample_id}.png"
-        cv2.imwrite(str(output / name), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+        write_png(output / name, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
         score = f"{stats.score:.3f}" if stats is not None else "-"
         rows.append(f"<tr><td>{html.escape(sample_id)}<br>kept {panel.hard_mask.mean():.1%}<br>score {score}</td>"
                     f'<td><a href="{name}"><img src="{name}" width="900"></a></td></tr>')  # fmt: skip

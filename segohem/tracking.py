@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import cv2
 
 from segohem.data.build import ClassInfo
-from segohem.visualize import EpochVisuals, confusion_image, render_panel
+from segohem.visualize import EpochVisuals, confusion_image, render_panel, write_png
 
 
 class Logger(Protocol):
@@ -108,10 +108,10 @@ class LocalLogger(NullLogger):
         names, palette, ignore = self.classes.names, self.classes.palette, self.classes.ignore_index
         for panel in visuals.panels:
             picture = render_panel(panel, names=names, palette=palette, ignore_index=ignore)
-            cv2.imwrite(str(folder / f"{panel.sample_id}.png"), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+            write_png(folder / f"{panel.sample_id}.png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
         if visuals.confusion is not None:
             picture = confusion_image(visuals.confusion, names)
-            cv2.imwrite(str(folder / "confusion.png"), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+            write_png(folder / "confusion.png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
 
 
 class MultiLogger:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -43,6 +44,21 @@ class EpochVisuals:
     panels: list[PredictionPanel]
     confusion: np.ndarray | None = None  # (C, C) int64 validation confusion matrix
     bank_rows: list[BankRow] = field(default_factory=list)
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Encode in memory and write the bytes: works for any file name, unlike ``cv2.imwrite``, and a
+    write the disk refuses raises OSError naming the file (``cv2.imwrite`` prints a libpng warning
+    and returns False)."""
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"cannot encode {path} as PNG")
+    try:
+        path.write_bytes(encoded.tobytes())
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err
 
 
 def render_panel(

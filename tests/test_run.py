@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segohem.bank_store import read_meta
 from segohem.cli import main, run_train
 from segohem.engine import loop
 from segohem.engine.checkpoint import (
@@ -291,28 +292,36 @@ def test_resuming_a_finished_run_does_nothing_and_a_shorter_schedule_is_refused(
     assert not (tmp_path / "tiny-refine" / "config.yaml").exists()
 
 
-def test_a_full_disk_stops_training_with_the_file_named_and_resume_goes_on(tmp_path):
-    resource = pytest.importorskip("resource")  # the file size limit stands in for a full disk
+@pytest.mark.parametrize(
+    ("limit", "settings", "refused"),
+    [
+        (2**20, [], "could not write checkpoint {run_dir}/last.pt: the write stopped after 1.0 MiB"),
+        (2**16, ["train.num_panels=0"], "could not write hard-pixel store {run_dir}/hard_pixels.sqlite"),
+        (2**12, [], "File too large: '{run_dir}/viz/epoch002/"),
+    ],
+    ids=["checkpoint", "dictionary-store", "panel"],
+)
+def test_a_full_disk_stops_training_with_the_file_named_and_resume_goes_on(tmp_path, limit, settings, refused):
+    resource = pytest.importorskip("resource")  # a file size limit stands in for a full disk
 
-    def one_mebibyte_files():
+    def refuse_files_above_the_limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write raises EFBIG instead of killing
-        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    cfg = tiny_config(tmp_path, "train.epochs=1")
-    run_train(cfg, resume_from=None)
+    run_train(tiny_config(tmp_path, "train.epochs=1", *settings), resume_from=None)
     run_dir = tmp_path / "tiny"
-    last_before = (run_dir / "last.pt").read_bytes()
-    assert len(last_before) > 2**20  # the limit refuses the next checkpoint, not the logs
+    before = {name: (run_dir / name).read_bytes() for name in ("last.pt", "best.pt")}
     command = [sys.executable, "-m", "segohem.cli", "train", "--resume", str(run_dir), "train.epochs=2"]
-    done = subprocess.run(command, capture_output=True, text=True, preexec_fn=one_mebibyte_files, timeout=600)
+    done = subprocess.run(command, capture_output=True, text=True, preexec_fn=refuse_files_above_the_limit, timeout=600)
     assert done.returncode == 4, done.stderr
-    assert "Traceback" not in done.stderr
-    assert f"could not write checkpoint {run_dir}" in done.stderr
-    assert f"MiB free in {run_dir}" in done.stderr and "the write stopped after 1.0 MiB" in done.stderr
-    assert "is unchanged" in done.stderr
-    assert (run_dir / "last.pt").read_bytes() == last_before
+    assert "Traceback" not in done.stderr and "libpng" not in done.stderr
+    assert refused.format(run_dir=run_dir) in done.stderr
+    assert "then continue with --resume" in done.stderr
+    assert {name: (run_dir / name).read_bytes() for name in before} == before  # epoch 1 is intact
+    if "store" in refused:  # its transaction was rolled back (a store ahead of last.pt is rewritten on resume)
+        assert int(read_meta(run_dir / "hard_pixels.sqlite")["epoch"]) == 1
     assert not list(run_dir.glob(".*.tmp"))
-    run_train(tiny_config(tmp_path, "train.epochs=2"), resume_from=run_dir)
+    run_train(tiny_config(tmp_path, "train.epochs=2", *settings), resume_from=run_dir)
     assert load_checkpoint(run_dir / "last.pt")["progress"]["epoch"] == 2
 
 

@@ -29,7 +29,7 @@ from segohem.engine.run import TrainingRun
 from segohem.gallery import choose_ids, write_gallery
 from segohem.metrics import format_table
 from segohem.plots import save_run_plots
-from segohem.visualize import colorize_mask, colorize_multilabel
+from segohem.visualize import colorize_mask, colorize_multilabel, write_png
 
 
 def require_single_label(run: TrainingRun, command: str) -> None:
@@ -168,14 +168,6 @@ def _predict_labels(run: TrainingRun, sample: dict[str, Any], *, size: tuple[int
     label_dtype = np.uint8 if run.classes.num_classes <= 256 else np.uint16
     labels: np.ndarray = logits.argmax(1)[0].cpu().numpy().astype(label_dtype)
     return cv2.resize(labels, (source_width, source_height), interpolation=cv2.INTER_NEAREST)
-
-
-def write_png(path: Path, image: np.ndarray) -> None:
-    """Encode in memory and write bytes: works for any file name, unlike ``cv2.imwrite``."""
-    ok, encoded = cv2.imencode(".png", image)
-    if not ok:
-        raise OSError(f"cannot encode {path} as PNG")
-    encoded.tofile(path)
 
 
 def run_mine(checkpoint: Path, *, split: str, output: Path | None, overrides: list[str]) -> Path:

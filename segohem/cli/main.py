@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command; a known failure is one line on stderr and a non-zero exit status.
 
     2: bad input (config, data, checkpoint, store, a busy run folder); 3: training diverged;
-    4: a checkpoint could not be written (a full disk; the previous one is intact, --resume goes on);
+    4: a file of the run could not be written (a full disk; the previous one is intact, --resume goes on);
     141: whoever read stdout closed it (as for a command a shell's pipe ended with SIGPIPE).
     """
     args = make_parser().parse_args(argv)
@@ -169,15 +169,19 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # as a shell reports a command ended by SIGPIPE
     except Exception as err:  # the error types are imported here: the commands import them (and torch) anyway
         from segohem.data import dataset_error_message
-        from segohem.engine.checkpoint import CheckpointWriteError
+        from segohem.disk import DiskWriteError
         from segohem.engine.loop import TrainingDiverged
         from segohem.engine.run_folder import RunFolderBusy
 
         if isinstance(err, TrainingDiverged):
             print(f"segohem {args.command}: error: {err}", file=sys.stderr)
             return 3
-        if isinstance(err, CheckpointWriteError) or (isinstance(err, OSError) and err.errno in DISK_FULL):
+        if isinstance(err, DiskWriteError):
             print(f"segohem {args.command}: error: {err}", file=sys.stderr)
+            return 4
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            again = "continue with --resume" if args.command in {"train", "refine"} else "run the command again"
+            print(f"segohem {args.command}: error: {err}; free space, then {again}", file=sys.stderr)
             return 4
         # ConfigError, DatasetError, CheckpointError and StoreError are ValueErrors
         if isinstance(err, (ValueError, FileNotFoundError, KeyError, RunFolderBusy)):

@@ -12,7 +12,6 @@ import pickle
 import pickletools
 import random
 import re
-import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from segohem.disk import DiskWriteError, refused_write
 
 TEMP_PREFIX = "."
 TEMP_SUFFIX = ".tmp"
@@ -29,7 +30,7 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt or unsafe; the message names the file."""
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(DiskWriteError):
     """A checkpoint could not be written (a full disk, no permission); the previous file is intact."""
 
 
@@ -112,18 +113,9 @@ _SHORT_WRITE = re.compile(r"unexpected pos|write failed|failed writing")
 
 def _write_error(path: Path, err: BaseException, written: int = 0) -> CheckpointWriteError:
     """The error for a checkpoint that could not be written: the file, the cause, the free space."""
-    folder = path.parent if path.parent.exists() else Path(path.anchor or ".")
-    try:
-        free = f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB free in {folder}"
-    except OSError:
-        free = f"free space in {folder} unknown"
-    stopped = f"the write stopped after {written / 2**20:,.1f} MiB" if written else "nothing was written"
-    cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    before = f"the previous {path.name} is unchanged" if path.exists() else f"there was no {path.name} before"
-    return CheckpointWriteError(
-        f"could not write checkpoint {path}: {stopped} ({cause}); {free}; {before}. "
-        "Free space or choose another run.output_dir, then continue with --resume"
-    )
+    kept = f"the previous {path.name} is unchanged" if path.exists() else f"there was no {path.name} before"
+    refused = refused_write("checkpoint", path, err, kept=kept, written=written)
+    return CheckpointWriteError(refused.args[0])
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
