@@ -215,6 +215,23 @@ def test_a_failed_resume_leaves_the_run_config_alone(tmp_path, capsys):
     assert main(["train", "--resume", str(run_dir), "train.max_steps=2"]) == 0
 
 
+def test_a_resume_that_meets_bad_data_leaves_the_run_config_alone(tmp_path, capsys):
+    from .test_bad_inputs import write_dataset
+
+    good, bad = write_dataset(tmp_path / "good"), write_dataset(tmp_path / "bad")
+    for image in (bad / "train").iterdir():
+        image.write_bytes(b"")  # found only when the first batch is read, inside the training loop
+    folder = ["data.kind=folder", "data.class_names=[a, b, c]", "data.batch_size=2", "data.val_batch_size=2"]
+    run_train(tiny_config(tmp_path, *folder, f"data.root={good}", "train.epochs=1"), resume_from=None)
+    run_dir = tmp_path / "tiny"
+    before = (run_dir / "config.yaml").read_bytes()
+    assert main(["train", "--resume", str(run_dir), f"data.root={bad}", "train.epochs=2"]) == 2
+    assert "the file is empty" in capsys.readouterr().err
+    assert (run_dir / "config.yaml").read_bytes() == before
+    assert main(["train", "--resume", str(run_dir), "train.epochs=2"]) == 0  # with the root of its last.pt
+    assert f"root: {good}" in (run_dir / "config.yaml").read_text()
+
+
 def test_loaded_bank_does_not_share_arrays_with_the_checkpoint(tmp_path):
     run_train(tiny_config(tmp_path, "train.max_steps=2"), resume_from=None)
     cfg = tiny_config(tmp_path, "train.max_steps=2")

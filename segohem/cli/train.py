@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 
 import torch
@@ -67,8 +67,11 @@ def _train(cfg: Config, *, run_dir: Path, resume_from: Path | None) -> Progress:
         return run.progress
     run.wrap_for_training()
     logger: Logger = NullLogger()
+    config_path, last_path = run_dir / "config.yaml", run_dir / "last.pt"
+    config_before = config_path.read_bytes() if main and config_path.is_file() else None
+    last_before = _identity(last_path)
     if main:
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, config_path)
         logger = MultiLogger(
             LocalLogger(run_dir, resume_step=run.progress.step, resume_epoch=run.progress.epoch, classes=run.classes),
             WandbLogger(
@@ -80,9 +83,25 @@ def _train(cfg: Config, *, run_dir: Path, resume_from: Path | None) -> Progress:
         progress = fit(run, loaders, run_dir=run_dir, logger=logger)
         if main:
             logger.log_plots(save_run_plots(run_dir))
+    except BaseException:
+        # a run that stopped before saving an epoch (bad data met in the first batches, a kill) leaves
+        # the folder's config as it was: a later --resume continues with the settings of its last.pt
+        if main and _identity(last_path) == last_before and config_before is not None:
+            with suppress(OSError):  # the error that stopped the run is the one to report
+                config_path.write_bytes(config_before)
+        raise
     finally:
         logger.close()
     return progress
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """What tells a rewritten file from the same one: inode and modification time (None: no file)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def _finished(cfg: Config, progress: Progress, *, refine: bool) -> bool:
