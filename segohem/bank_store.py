@@ -30,7 +30,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 import sqlite3
 import tempfile
 import warnings
@@ -43,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from segohem.bank import EpochClassStats, HardPixelBank, SampleStats, split_decisions
-from segohem.disk import DiskWriteError, refused_write
+from segohem.disk import DiskWriteError, refused_by_disk, refused_write
 
 SCHEMA_VERSION = 1
 LOSS_SCALE = 32.0  # loss map quantization: uint8 = round(log1p(loss) * LOSS_SCALE), loss up to ~2900
@@ -328,19 +327,17 @@ def save_bank(bank: HardPixelBank, path: str | Path, *, class_names: list[str] |
             warnings.warn(f"{problem}; rebuilding it from the hard-pixel bank in memory", stacklevel=2)
         _rebuild(path, rows)
     except (sqlite3.OperationalError, OSError) as err:
-        if isinstance(err, sqlite3.OperationalError) and not _REFUSED_WRITE.search(str(err)):
-            raise
         _remove_stale_temps(path)
-        kept = "the store is as its last save left it (one transaction)" if path.exists() else "no store was kept"
-        raise StoreWriteError(refused_write("hard-pixel store", path, err, kept=kept).args[0]) from err
+        if refused_by_disk(err):
+            kept = "the store is as its last save left it (one transaction)" if path.exists() else "no store was kept"
+            raise StoreWriteError(refused_write("hard-pixel store", path, err, kept=kept).args[0]) from err
+        if isinstance(err, sqlite3.OperationalError) and "unable to open" in str(err):
+            raise StoreError(f"cannot write {path} ({err}): is its folder writable?") from err
+        raise
 
 
 class StoreWriteError(DiskWriteError):
     """The hard-pixel store could not be written (a full disk); its last save is intact."""
-
-
-# what SQLite says when the disk refuses a write (a full disk, a quota, a file size limit)
-_REFUSED_WRITE = re.compile(r"disk I/O error|database or disk is full|unable to open database file")
 
 
 @contextmanager

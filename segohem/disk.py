@@ -7,12 +7,29 @@ line turns it into exit status 4 (`segohem.cli.main`).
 
 from __future__ import annotations
 
+import errno
 import shutil
 from pathlib import Path
 
+# what a full disk, a quota or a file size limit raise (OSError.errno)
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
 
 class DiskWriteError(OSError):
-    """A file could not be written (no space, a quota, no permission); the previous one is intact."""
+    """A file could not be written (no space, a quota, a file size limit); the previous one is intact."""
+
+
+def refused_by_disk(err: BaseException) -> bool:
+    """Whether ``err`` is a write the disk refused: an OSError of `DISK_FULL`, or what torch.save
+    (its zip writer) and SQLite raise for one."""
+    if isinstance(err, OSError):
+        return err.errno in DISK_FULL
+    text = str(err)
+    return any(mark in text for mark in _REFUSED_MARKS)
+
+
+# torch.save's zip writer ("unexpected pos", "file write failed") and SQLite's own words for a full disk
+_REFUSED_MARKS = ("unexpected pos", "write failed", "failed writing", "disk I/O error", "database or disk is full")
 
 
 def refused_write(what: str, path: Path, err: BaseException, *, kept: str, written: int = 0) -> DiskWriteError:

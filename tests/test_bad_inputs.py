@@ -499,6 +499,25 @@ def saved_weights_finite(ctx: Ctx) -> None:
         assert not bad, f"{path.name} holds non-finite {bad[:3]}"
 
 
+def output_dir_is_a_file(ctx: Ctx) -> list[str]:
+    (ctx.tmp / "afile").write_text("x")
+    ctx.keep(ctx.tmp / "afile")
+    return [*train_argv(ctx), f"run.output_dir={ctx.tmp / 'afile'}"]
+
+
+def run_name_is_a_file(ctx: Ctx) -> list[str]:
+    (ctx.tmp / "runs").mkdir()
+    (ctx.tmp / "runs" / "new").write_text("x")
+    ctx.keep(ctx.tmp / "runs")
+    return train_argv(ctx)
+
+
+def eval_output_is_a_folder(ctx: Ctx) -> list[str]:
+    (ctx.tmp / "out").mkdir()
+    ctx.keep(ctx.tmp / "out")
+    return ["eval", "--checkpoint", str(ctx.run_copy() / "last.pt"), "--output", str(ctx.tmp / "out")]
+
+
 # ---------------------------------------------------------------- the table
 
 PNG = np.full((40, 40, 3), 90, np.uint8)
@@ -603,7 +622,11 @@ CASES = [
          ("checkpoint {tmp}/crafted.pt holds objects that safe loading refuses",), check=marker_not_created),
     Case("checkpoint-plain-state-dict",
          checkpoint_file("weights.pt", lambda ctx, p: torch.save({"weight": torch.zeros(2)}, p)), 2,
-         ("checkpoint {tmp}/weights.pt has format None; this segohem reads format 2",)),
+         ("checkpoint {tmp}/weights.pt is not a segohem checkpoint: it holds 'weight' (a plain state_dict?)",)),
+    Case("checkpoint-text-file", checkpoint_file("notes.pt", lambda ctx, p: p.write_text("hello world\n")), 2,
+         ("checkpoint {tmp}/notes.pt is not a checkpoint file: torch.load cannot read it",)),
+    Case("checkpoint-yaml-file", checkpoint_file("c.pt", lambda ctx, p: p.write_text("a: 1\nb: [1, 2]\n")), 2,
+         ("checkpoint {tmp}/c.pt is not a checkpoint file: torch.load cannot read it",)),
     Case("checkpoint-not-a-dict", checkpoint_file("list.pt", lambda ctx, p: torch.save([1, 2], p)), 2,
          ("checkpoint {tmp}/list.pt holds a list, not a segohem checkpoint",)),
     Case("checkpoint-missing", lambda ctx: ["eval", "--checkpoint", str(ctx.tmp / "nope.pt")], 2,
@@ -644,6 +667,9 @@ CASES = [
          ("foo.png and foo_color.png would both be written as foo_color.png",), check=nothing_written),
     Case("predict-output-is-a-file", predict({"a.png": PNG}, out_is_file), 2,
          ("--output {tmp}/taken.txt is a file",)),
+    Case("output-dir-is-a-file", output_dir_is_a_file, 2, ("Not a directory: '{tmp}/afile",)),
+    Case("run-name-is-a-file", run_name_is_a_file, 2, ("File exists: '{tmp}/runs/new'",)),
+    Case("eval-output-is-a-folder", eval_output_is_a_folder, 2, ("Is a directory: '{tmp}/out'",)),
     Case("predict-missing-input", predict_missing_input, 2,
          ("--input {tmp}/nowhere does not exist; give a folder of images",)),
     Case("predict-unreadable-among-good",

@@ -104,6 +104,19 @@ def test_version_and_print_config(capsys):
     assert "mode: topk" in printed and "eval_every" in printed
 
 
+def test_overrides_may_come_before_and_after_options(capsys):
+    assert main(["train", "--print-config", "ohem.mode=topk", "train.epochs=3"]) == 0
+    together = capsys.readouterr().out
+    assert main(["train", "ohem.mode=topk", "--print-config", "train.epochs=3"]) == 0  # argparse alone refuses
+    assert capsys.readouterr().out == together
+    assert "mode: topk" in together and "epochs: 3" in together
+    for argv in (["train", "--print-config", "--no-such-option"], ["hard-pixels", "--run", "x", "ohem.mode=topk"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert f"unrecognized arguments: {argv[-1]}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv", [["--version"], ["--help"], ["eval", "--no-such-option"], ["train", "--print-config", "ohem.mode=topk"]]
 )

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 from pathlib import Path
 
 from segohem import __version__
 from segohem.config import SPLITS, Config, ConfigError, describe_config, load_config
+from segohem.disk import DISK_FULL
 
-# what a full disk, a quota or a file size limit raise: the run stops with exit status 4
-DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# paths given that cannot be used as they are: one line naming the path, exit status 2
+BAD_PATH = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
 
 # The commands import torch (seconds): they are imported once the arguments are parsed, so that
 # `segohem --help`, `--version`, a mistyped option and `train --print-config` answer at once.
@@ -160,7 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     4: a file of the run could not be written (a full disk; the previous one is intact, --resume goes on);
     141: whoever read stdout closed it (as for a command a shell's pipe ended with SIGPIPE).
     """
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    # overrides may also follow an option (`eval --checkpoint X --split val eval.flip=true`): argparse
+    # ends a command's positional overrides at its first option and leaves the rest unrecognised
+    args, extra = parser.parse_known_args(argv)
+    late = [arg for arg in extra if "=" in arg and not arg.startswith("-")]
+    if extra != late or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
     try:
         return dispatch(args)
     except BrokenPipeError:  # the reader of stdout went away (`segohem train --print-config | head`)
@@ -183,8 +191,13 @@ def main(argv: list[str] | None = None) -> int:
             again = "continue with --resume" if args.command in {"train", "refine"} else "run the command again"
             print(f"segohem {args.command}: error: {err}; free space, then {again}", file=sys.stderr)
             return 4
-        # ConfigError, DatasetError, CheckpointError and StoreError are ValueErrors
-        if isinstance(err, (ValueError, FileNotFoundError, KeyError, RunFolderBusy)):
-            print(f"segohem {args.command}: error: {dataset_error_message(err)}", file=sys.stderr)
+        # ConfigError, DatasetError, CheckpointError and StoreError are ValueErrors; the OSErrors are
+        # paths that cannot be used as given (a file where a folder should be, no permission), named
+        if isinstance(err, (ValueError, KeyError, RunFolderBusy, *BAD_PATH)):
+            if isinstance(err, KeyError) and err.args and isinstance(err.args[0], str):
+                message = err.args[0]  # str(KeyError) would quote it
+            else:
+                message = dataset_error_message(err)
+            print(f"segohem {args.command}: error: {message}", file=sys.stderr)
             return 2
         raise

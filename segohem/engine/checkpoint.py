@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segohem.disk import DiskWriteError, refused_write
+from segohem.disk import DiskWriteError, refused_by_disk, refused_write
 
 TEMP_PREFIX = "."
 TEMP_SUFFIX = ".tmp"
@@ -92,7 +92,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_SUFFIX)
     except OSError as err:
-        raise _write_error(path, err) from err
+        if refused_by_disk(err):
+            raise _write_error(path, err) from err
+        raise
     try:
         with os.fdopen(handle, "wb") as tmp:
             torch.save(state, tmp)
@@ -102,13 +104,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     except BaseException as err:
         written = Path(tmp_name).stat().st_size if Path(tmp_name).exists() else 0
         Path(tmp_name).unlink(missing_ok=True)
-        if isinstance(err, OSError) or (isinstance(err, RuntimeError) and _SHORT_WRITE.search(str(err))):
+        if isinstance(err, (OSError, RuntimeError)) and refused_by_disk(err):
             raise _write_error(path, err, written) from err
         raise
-
-
-# how torch.save reports a write the disk refused (a full disk, a file size limit)
-_SHORT_WRITE = re.compile(r"unexpected pos|write failed|failed writing")
 
 
 def _write_error(path: Path, err: BaseException, written: int = 0) -> CheckpointWriteError:
@@ -170,6 +168,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {str(err).splitlines()[0][:200]}") from err
+    except (LookupError, TypeError, AttributeError) as err:  # a text file, say: the old unpickler's KeyError(101)
+        raise CheckpointError(
+            f"checkpoint {path} is not a checkpoint file: torch.load cannot read it ({type(err).__name__})"
+        ) from err
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a segohem checkpoint")
     return checkpoint

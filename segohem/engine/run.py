@@ -125,6 +125,13 @@ def _sigmoid_ohem(cfg: Config, info: ClassInfo) -> OhemBinaryCrossEntropy:
 def check_format(path: Path, checkpoint: dict[str, Any]) -> None:
     """Refuse a checkpoint of another format than `CHECKPOINT_FORMAT`, naming the way to upgrade it."""
     version = checkpoint.get("format")
+    if version is None and not {"config", "model"} <= checkpoint.keys():
+        keys = ", ".join(repr(key) for key in list(checkpoint)[:3]) + (", ..." if len(checkpoint) > 3 else "")
+        raise CheckpointError(
+            f"checkpoint {path} is not a segohem checkpoint: it holds {keys or 'nothing'} (a plain state_dict?), "
+            f"not the 'format', 'config' and 'model' a run writes (an encoder's state_dict is read by "
+            f"model.encoder_weights=PATH)"
+        )
     if version != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"checkpoint {path} has format {version!r}; this segohem reads format {CHECKPOINT_FORMAT} "
