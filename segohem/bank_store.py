@@ -155,8 +155,13 @@ def open_store(path: str | Path) -> Iterator[sqlite3.Connection]:
         raise FileNotFoundError(f"no hard-pixel store at {path}")
     if problem := _header_problem(path):
         raise StoreError(problem, REPAIR_HINT)
+    # A store in WAL mode needs its -shm file even to be read, and SQLite cannot create it in a folder
+    # it may not write to (a colleague's run, a read-only mount): there, with no unmerged -wal content
+    # left, the file is read as immutable, which needs no -shm file.
+    wal = path.with_name(path.name + "-wal")
+    frozen = not os.access(path.parent, os.W_OK) and not (wal.is_file() and wal.stat().st_size > 0)
     try:  # as_uri() percent-quotes '?', '#', '%' and spaces, which would otherwise end or alter the path
-        db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+        db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro" + ("&immutable=1" if frozen else ""), uri=True)
     except sqlite3.Error as err:
         raise StoreError(f"{path} cannot be opened read-only ({err})", REPAIR_HINT) from err
     try:

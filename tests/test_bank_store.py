@@ -296,3 +296,27 @@ def test_a_store_written_before_missed_pixels_were_counted_reads_them_as_unknown
     assert len(rows) == 9 and all(r["missed_pixels"] is None and r["missed_fraction"] is None for r in rows)
     save_bank(restored, path, class_names=list(CLASSES), epoch=2)  # and it is written back as it was
     assert all(h.missed is None for h in load_bank(path).epochs.values())
+
+
+def test_a_store_in_a_folder_that_cannot_be_written_is_read_without_complaint(tmp_path):
+    # a colleague's run, a read-only mount: SQLite cannot make the -shm file a WAL store's reader needs
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    bank = big_bank(20)
+    path = saved_store(folder, bank=bank)
+    before = sorted(p.name for p in folder.iterdir())
+    folder.chmod(0o555)
+    frozen = False
+    try:
+        if os.access(folder, os.W_OK):  # root writes through permissions: the immutable attribute stops it
+            frozen = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+        if os.access(folder, os.W_OK):
+            pytest.skip("cannot make a folder unwritable here (root, and chattr +i not supported)")
+        assert_same_bank(load_bank(path), bank)
+        assert len(hardest_images(path, top=5)) == 5
+        assert check_store(path) is None
+        assert sorted(p.name for p in folder.iterdir()) == before
+    finally:
+        if frozen:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
