@@ -1,4 +1,5 @@
 import json
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -144,3 +145,21 @@ def test_a_resumed_refinement_stage_is_still_driven_by_its_bank(tmp_path, monkey
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
     resumed = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_refinement_bank_that_knows_no_training_image_is_refused(tmp_path):
+    from segohem.cli.build import build_loaders
+    from segohem.config import ConfigError
+
+    cfg = tiny_config(tmp_path, "refine.sampler=image", "refine.bank=mined_val_best.sqlite")
+    bank = HardPixelBank(7)
+    bank.samples = {"synthetic-val-00000": stats(1.0, [10, 0]), "synthetic-val-00001": stats(2.0, [10, 0])}
+    with pytest.raises(ConfigError, match=r"mined_val_best.sqlite holds none of the 8 training images .*--split train"):
+        build_loaders(cfg, refine_bank=bank)  # a store mined on val: every image would weigh the same
+    bank.samples["synthetic-train-00003"] = stats(4.0, [10, 0])
+    with pytest.warns(UserWarning, match="knows 1 of the 8 training images"):
+        build_loaders(cfg, refine_bank=bank)
+    bank.samples.update({f"synthetic-train-{i:05d}": stats(1.0, [10, 0]) for i in range(8)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # all known: no warning
+        build_loaders(cfg, refine_bank=bank)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ def build_loaders(cfg: Config, *, refine_bank: HardPixelBank | None = None) -> L
     (the learning rate is not rescaled). The samplers drop an incomplete last global batch.
     """
     base_set = build_dataset(cfg.data, cfg.augment, split="train", train=True, seed=cfg.run.seed)
+    if refine_bank is not None:
+        _check_bank_covers(refine_bank, [base_set.sample_id(i) for i in range(len(base_set))], cfg)
     train_set: Dataset[Any] = base_set
     shard = {"batch_size": cfg.data.batch_size, "rank": get_rank(), "world_size": get_world_size()}
     sampler: Sampler[int] = EpochShuffleSampler(len(base_set), seed=cfg.run.seed, **shard)
@@ -82,6 +85,27 @@ def eval_dataset(loader: DataLoader[Any]) -> SegmentationDataset:
     dataset = loader.dataset
     assert isinstance(dataset, SegmentationDataset)
     return dataset
+
+
+def _check_bank_covers(bank: HardPixelBank, sample_ids: list[str], cfg: Config) -> None:
+    """Refuse a refinement bank that knows none of the training images (a store mined on val, or on
+    other data): it would steer nothing, every image weighing the same. Warn when it knows few."""
+    source = cfg.refine.bank or cfg.refine.init
+    known = sum(1 for sample_id in sample_ids if sample_id in bank.samples)
+    mine = f"`segohem mine --checkpoint {cfg.refine.init or 'CHECKPOINT'} --split train`"
+    if known == 0:
+        example = next(iter(bank.samples), None)
+        raise ConfigError(
+            f"refine.bank {source} holds none of the {len(sample_ids)} training images (it holds "
+            f"{len(bank.samples)}, e.g. {example!r}; training: {sample_ids[0]!r}): mined on another split or "
+            f"other data? mine the train split: {mine}"
+        )
+    if known < len(sample_ids) / 2:
+        warnings.warn(
+            f"refine.bank {source} knows {known} of the {len(sample_ids)} training images; the others are "
+            f"steered as if never seen ({mine} covers them all)",
+            stacklevel=2,
+        )
 
 
 def load_refine_bank(cfg: Config, checkpoint: dict[str, Any]) -> HardPixelBank:
