@@ -144,3 +144,22 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
     finally:
         os.close(write_end)
     assert (done.returncode, done.stderr) == (141, "")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["hard-pixels", "--store", "x.sqlite", "--top", "-3"], "argument --top: expected a whole number >= 1, got -3"),
+        (["viz", "--run", "r", "--num", "0"], "argument --num: expected a whole number >= 1, got 0"),
+        (["check-data", "--workers", "two"], "argument --workers: expected a whole number, got 'two'"),
+    ],
+)
+def test_counts_below_one_are_refused_with_the_option_named(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_class_filter_on_a_view_that_covers_every_class_is_refused(capsys):
+    assert main(["hard-pixels", "--store", "x.sqlite", "--view", "pairs", "--class", "pole"]) == 2
+    assert "--class selects images (--view images); --view pairs covers every class" in capsys.readouterr().err

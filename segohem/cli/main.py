@@ -18,6 +18,17 @@ BAD_PATH = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExists
 # `segohem --help`, `--version`, a mistyped option and `train --print-config` answer at once.
 
 
+def positive_int(text: str) -> int:
+    """An option's whole number of at least 1 (argparse names the option when this refuses)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segohem", description="Segmentation training with pixel-level OHEM.")
     parser.add_argument("--version", action="version", version=f"segohem {__version__}")
@@ -49,12 +60,12 @@ def make_parser() -> argparse.ArgumentParser:
     hp.add_argument("--store", type=Path, help="a store file instead, e.g. one written by `mine`")
     hp.add_argument("--view", default="images", choices=("images", "pairs", "classes"))
     hp.add_argument("--class", dest="class_name", help="with --view images: hardest images for this class")
-    hp.add_argument("--top", type=int, default=10)
+    hp.add_argument("--top", type=positive_int, default=10)
     hp.add_argument("--format", default="table", choices=("table", "csv", "json"))
     vz = commands.add_parser("viz", help="gallery of hard-pixel maps and plots (PNGs + index.html)")
     vz.add_argument("--run", type=Path, required=True)
     vz.add_argument("--checkpoint", type=Path, help="default: the run's best.pt")
-    vz.add_argument("--num", type=int, default=8, help="the N hardest images by the dictionary")
+    vz.add_argument("--num", type=positive_int, default=8, help="the N hardest images by the dictionary")
     vz.add_argument("--ids", nargs="+", help="these sample ids instead")
     vz.add_argument("--split", default="train", choices=SPLITS)
     vz.add_argument("--output", type=Path, help="default: RUN/gallery")
@@ -75,7 +86,7 @@ def make_parser() -> argparse.ArgumentParser:
     cd.add_argument("--config", type=Path)
     cd.add_argument("--split", default="all", choices=(*SPLITS, "all"))
     cd.add_argument("--format", default="table", choices=("table", "json"))
-    cd.add_argument("--workers", type=int, help="processes reading files (default: one per CPU core)")
+    cd.add_argument("--workers", type=positive_int, help="processes reading files (default: one per CPU core)")
     cd.add_argument("overrides", nargs="*", metavar="key.sub=value")
     rf = commands.add_parser("refine", help="a refinement stage driven by a run's hard-pixel dictionary")
     rf.add_argument("--run", type=Path, required=True, help="the base run folder")
@@ -130,6 +141,8 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "hard-pixels":
         if (args.run is None) == (args.store is None):
             raise ConfigError("give exactly one of --run DIR and --store FILE")
+        if args.class_name is not None and args.view != "images":
+            raise ConfigError(f"--class selects images (--view images); --view {args.view} covers every class")
         store = args.store or args.run / BANK_FILE
         run_hard_pixels(store, view=args.view, class_name=args.class_name, top=args.top, fmt=args.format)
         return 0
