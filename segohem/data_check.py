@@ -144,7 +144,10 @@ def _label_problem(path: Path, err: Exception, task: PairTask) -> Problem:
         hint = "; its colours are the class palette: set data.mask_format=rgb" if colours <= known else ""
         detail = f"a colour ({decoded.shape[2]}-channel) label file where single-channel class ids are expected{hint}"
         return Problem("colour_mask", ERROR, display_path(path), detail)
-    return Problem("bad_labels", ERROR, display_path(path), str(err))
+    where, detail = display_path(path), str(err)
+    # the readers' messages begin with the file's name, which the problem's file column already gives
+    detail = detail.removeprefix(f"{where}: ")
+    return Problem("bad_labels", ERROR, where, detail)
 
 
 def _count_labels(labels: np.ndarray, info: ClassInfo) -> tuple[np.ndarray, int, dict[int, int]]:
@@ -197,8 +200,8 @@ def check_pair(task: PairTask) -> PairCheck:
         detail = f"label values {values} are outside {what} and are not the ignore id {info.ignore_index}"
         check.problems.append(Problem("labels_outside_classes", ERROR, where, detail))
     if image is not None and image.shape[:2] != labels.shape:
-        detail = (f"label file is {labels.shape[1]}x{labels.shape[0]} but its image {display_path(task.image_path)} "
-                  f"is {image.shape[1]}x{image.shape[0]} (width x height)")  # fmt: skip
+        detail = (f"label file is {labels.shape[0]}x{labels.shape[1]} but its image {display_path(task.image_path)} "
+                  f"is {image.shape[0]}x{image.shape[1]} (height x width)")  # fmt: skip
         check.problems.append(Problem("size_mismatch", ERROR, where, detail))
     return check
 

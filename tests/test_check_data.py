@@ -190,6 +190,7 @@ def test_an_id_mask_where_colours_are_expected_is_reported_with_the_readers_mess
     (problem,) = report["splits"][0]["problems"]
     assert problem["kind"] == "bad_labels" and problem["file"] == str(root / "trainannot" / "y.png")
     assert "neither in data.palette nor in data.ignore_colors" in problem["detail"]
+    assert not problem["detail"].startswith(problem["file"])  # the file column names it once
 
 
 def test_every_problem_is_listed_not_only_the_first_and_workers_agree(tmp_path, capsys):

@@ -65,7 +65,7 @@ def test_folder_dataset_reads_and_matches_by_stem(tmp_path):
     ("case", "message"),
     [
         ("corrupt", r"cannot read image .*a\.png"),
-        ("size", r"label file .*ann/a\.png is 31x20 but its image .*img/a\.png is 30x20"),
+        ("size", r"label file .*ann/a\.png is 20x31 but its image .*img/a\.png is 20x30 \(height x width\)"),
         ("label", r"ann/a\.png: label values \[7\] are outside the classes 0\.\.2"),
         ("channels", r"ann/a\.png has 3 channels"),
     ],

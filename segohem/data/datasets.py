@@ -166,8 +166,8 @@ class PairedDataset(SegmentationDataset):
         mask = self.read_labels(mask_path)
         if mask.shape != image.shape[:2]:
             raise DatasetError(
-                f"label file {display_path(mask_path)} is {mask.shape[1]}x{mask.shape[0]} but its image "
-                f"{display_path(image_path)} is {image.shape[1]}x{image.shape[0]} (width x height)"
+                f"label file {display_path(mask_path)} is {mask.shape[0]}x{mask.shape[1]} but its image "
+                f"{display_path(image_path)} is {image.shape[0]}x{image.shape[1]} (height x width)"
             )
         self.check_labels(mask, display_path(mask_path))
         limits = np.iinfo(mask.dtype)

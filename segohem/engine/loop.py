@@ -55,12 +55,17 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return zlib.crc32(f"{seed}/epoch/{epoch}".encode())
 
 
+_AMP_WARNED: set[tuple[str, str]] = set()
+
+
 def autocast_context(device: torch.device, amp: str) -> AbstractContextManager[Any]:
     """bf16/fp16 autocast on CUDA; on other devices AMP is off (with a warning once)."""
     if amp == "none":
         return nullcontext()
     if device.type != "cuda":
-        warnings.warn(f"train.amp={amp} needs CUDA; running in fp32 on {device}", stacklevel=2)
+        if (amp, device.type) not in _AMP_WARNED:  # training and evaluation both ask: say it once
+            _AMP_WARNED.add((amp, device.type))
+            warnings.warn(f"train.amp={amp} needs CUDA; running in fp32 on {device}", stacklevel=2)
         return nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
