@@ -317,5 +317,14 @@ def test_folder_options_are_refused_for_kinds_with_their_own_layout():
     for kind in ("cityscapes", "ade20k", "voc"):
         with pytest.raises(ConfigError, match=rf"data\.root is required for data\.kind={kind}"):
             load_config(None, [f"data.kind={kind}"])
-    info = class_info(load_config(None, ["data.kind=voc", "data.root=x", "data.ignore_index=0"]).data)
-    assert info.ignore_index == 255  # the encoding fixes a named kind's ignore id
+    # the encoding fixes a named kind's ignore id: another one is refused, not silently replaced
+    with pytest.raises(ConfigError, match=r"data\.ignore_index=0: data\.kind=camvid ignores label 11"):
+        class_info(load_config(None, ["data.kind=camvid", "data.root=x", "data.ignore_index=0"]).data)
+    assert class_info(load_config(None, ["data.kind=camvid", "data.root=x"]).data).ignore_index == 11
+    assert (
+        class_info(load_config(None, ["data.kind=voc", "data.root=x", "data.ignore_index=255"]).data).ignore_index
+        == 255
+    )
+    # and so are its classes: names rename them one for one
+    with pytest.raises(ConfigError, match=r"data\.class_names lists 2 names, but data\.kind=synthetic has 7 classes"):
+        class_info(load_config(None, ["data.class_names=[a, b]"]).data)

@@ -14,6 +14,9 @@ __all__ = ["SPLITS", "ClassInfo", "build_dataset", "class_info", "split_folders"
 BINARY_CLASSES = ("background", "foreground")  # data.mask_format=binary without data.class_names
 
 
+DEFAULT_IGNORE = DataConfig().ignore_index
+
+
 def class_info(cfg: DataConfig) -> ClassInfo:
     """Class names, palette and ignore id: the config's where given, else the preset's.
 
@@ -21,6 +24,17 @@ def class_info(cfg: DataConfig) -> ClassInfo:
     label encoding fixes it.
     """
     preset = PRESETS.get(cfg.kind)
+    if preset and cfg.class_names and len(cfg.class_names) != len(preset.class_names):
+        raise ConfigError(
+            f"data.class_names lists {len(cfg.class_names)} names, but data.kind={cfg.kind} has "
+            f"{len(preset.class_names)} classes ({', '.join(preset.class_names)}): its labels fix them; rename "
+            f"them one for one, or leave data.class_names empty"
+        )
+    if preset and cfg.kind != "synthetic" and cfg.ignore_index not in (preset.ignore_index, DEFAULT_IGNORE):
+        raise ConfigError(
+            f"data.ignore_index={cfg.ignore_index}: data.kind={cfg.kind} ignores label {preset.ignore_index}, "
+            f"which its label files fix; leave data.ignore_index unset"
+        )
     binary = cfg.kind == "folder" and cfg.mask_format == "binary"
     names = tuple(cfg.class_names) or (preset.class_names if preset else BINARY_CLASSES if binary else ())
     if not names:
