@@ -571,11 +571,26 @@ def load_config(
             raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(err)}") from err
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
+    from_file = copy.deepcopy(tree) if path is not None else None
     for item in overrides or []:
         _set_dotted(tree, *parse_override(item))
-    config = _build(Config, tree, "")
-    validate(config)
+    try:
+        config = _build(Config, tree, "")
+        validate(config)
+    except ConfigError as err:
+        if from_file is not None and _fails_alone(from_file, str(err)):
+            raise ConfigError(f"{err} (in {path})") from err  # the key is in the file: name it
+        raise
     return config
+
+
+def _fails_alone(tree: dict[str, Any], message: str) -> bool:
+    """Whether the settings of a config file alone give the error ``message``."""
+    try:
+        validate(_build(Config, copy.deepcopy(tree), ""))
+    except ConfigError as err:
+        return str(err) == message
+    return False
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

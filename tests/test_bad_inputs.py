@@ -526,7 +526,7 @@ CASES = [
     Case("config-unknown-key", train_with("ohem.tresh=0.5"), 2,
          ("unknown config key 'ohem.tresh'", "did you mean 'ohem.thresh'?")),
     Case("config-unknown-section-in-yaml", config_file("optm:\n  lr: 0.01\n"), 2,
-         ("unknown config key 'optm'", "did you mean 'optim'?")),
+         ("unknown config key 'optm'", "did you mean 'optim'?", "(in {tmp}/config.yaml)")),
     Case("config-wrong-type", train_with("train.epochs=two"), 2, ("train.epochs: expected int, got 'two' (str)",)),
     Case("config-float-for-int", train_with("data.batch_size=2.5"), 2,
          ("data.batch_size: expected int, got 2.5 (float)",)),

@@ -268,3 +268,16 @@ def test_ohem_amounts_accepted_exactly_as_the_loss_accepts_them(positive):
         except ConfigError:
             config_ok = False
         assert config_ok == loss_ok, f"{key}={amount!r}: config {config_ok}, OhemCrossEntropy {loss_ok}"
+
+
+def test_an_error_in_a_config_file_names_the_file_and_one_in_an_override_does_not(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("ohem:\n  tresh: 0.5\n  mode: topk\n")
+    with pytest.raises(ConfigError, match=rf"unknown config key 'ohem.tresh'.* \(in {re.escape(str(path))}\)$"):
+        load_config(path)
+    path.write_text("ohem:\n  mode: topk\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'ohem.tresh'") as raised:
+        load_config(path, ["ohem.tresh=0.5"])
+    assert str(path) not in str(raised.value)
+    path.write_text("ohem:\n  mode: bogus\n")
+    assert load_config(path, ["ohem.mode=topk"]).ohem.mode == "topk"  # an override may mend the file
