@@ -149,3 +149,21 @@ def test_a_summary_whose_reader_goes_away_ends_without_a_traceback():
     finally:
         os.close(write_end)
     assert (done.returncode, done.stderr) == (-signal.SIGPIPE, "")
+
+
+def test_compare_results_tells_identical_reruns_from_changed_ones(tmp_path):
+    compare = load_script("compare_results").compare
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    record = {"final_miou": 0.6, "final_iou": {"road": 0.9, "pole": 0.3}, "commit": "1515b4f0", "cpu": "X"}
+    (first / "topk-s0.json").write_text(json.dumps(record))
+    (second / "topk-s0.json").write_text(json.dumps({**record, "commit": "abcdef12"}))
+    changed = {**record, "final_miou": 0.61, "final_iou": {"road": 0.9, "pole": 0.32}}
+    (first / "plain-s1.json").write_text(json.dumps(record))
+    (second / "plain-s1.json").write_text(json.dumps(changed))
+    (first / "quota-s0.json").write_text(json.dumps(record))  # in one folder only: not listed
+    assert compare(first, second) == [
+        "plain-s1.json: 1515b4f 60.00 | 1515b4f 61.00 | largest class gap 2.00 (pole) | X / X",
+        "topk-s0.json: 1515b4f 60.00 | abcdef1 60.00 | bit-identical | X / X",
+    ]
