@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import yaml
 
+from segohem.disk import write_atomically
+
 DataKind = Literal["synthetic", "folder", "camvid", "cityscapes", "ade20k", "voc"]
 MaskFormat = Literal["index", "rgb", "binary", "multilabel"]
 VocTrainSet = Literal["auto", "train", "trainaug"]
@@ -598,7 +600,8 @@ def config_to_dict(config: Config) -> dict[str, Any]:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.dump(config_to_dict(config), Dumper=_Dumper, sort_keys=False))
+    """Write the config as YAML, atomically (a refused write leaves the previous file)."""
+    write_atomically(Path(path), yaml.dump(config_to_dict(config), Dumper=_Dumper, sort_keys=False).encode())
 
 
 def _flow_yaml(value: Any) -> str:

@@ -1,18 +1,27 @@
 """Writes the disk refuses (a full disk, a quota, a file size limit): one error type, one message.
 
-Every file a run writes is replaced atomically, so a refused write leaves the previous file as it
-was; the message names the file, says what was kept and how much space is free, and the command
-line turns it into exit status 4 (`segohem.cli.main`).
+A run's checkpoints, its dictionary store, its logs' rewrites and its ``config.yaml`` are replaced
+atomically (`write_atomically`, or one SQLite transaction), so a refused write leaves the previous
+file as it was. The message names the file, says what was kept and how much space is free, and the
+command line turns it into exit status 4 (`segohem.cli.main`).
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import shutil
+import sqlite3
+import tempfile
 from pathlib import Path
 
 # what a full disk, a quota or a file size limit raise (OSError.errno)
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# SQLite's codes for the same (a write past a file size limit is a failed write, SQLITE_IOERR_WRITE)
+_SQLITE_FULL = frozenset({"SQLITE_FULL", "SQLITE_IOERR_WRITE"})
+# how torch.save's zip writer reports a write that stopped short: it gives no errno
+_TORCH_SHORT_WRITE = ("unexpected pos", "file write failed", "failed writing file")
+ADVICE = "free space or write elsewhere, then run the command again (a training run: with --resume)"
 
 
 class DiskWriteError(OSError):
@@ -20,29 +29,44 @@ class DiskWriteError(OSError):
 
 
 def refused_by_disk(err: BaseException) -> bool:
-    """Whether ``err`` is a write the disk refused: an OSError of `DISK_FULL`, or what torch.save
-    (its zip writer) and SQLite raise for one."""
+    """Whether ``err`` is a write the disk refused: an OSError of `DISK_FULL`, SQLite's full-disk or
+    failed-write error, or a write torch.save's zip writer saw stop short."""
     if isinstance(err, OSError):
         return err.errno in DISK_FULL
-    text = str(err)
-    return any(mark in text for mark in _REFUSED_MARKS)
+    if isinstance(err, sqlite3.Error):
+        name = getattr(err, "sqlite_errorname", None)  # Python 3.11+
+        return name in _SQLITE_FULL if name else "database or disk is full" in str(err)
+    return isinstance(err, RuntimeError) and any(mark in str(err) for mark in _TORCH_SHORT_WRITE)
 
 
-# torch.save's zip writer ("unexpected pos", "file write failed") and SQLite's own words for a full disk
-_REFUSED_MARKS = ("unexpected pos", "write failed", "failed writing", "disk I/O error", "database or disk is full")
-
-
-def refused_write(what: str, path: Path, err: BaseException, *, kept: str, written: int = 0) -> DiskWriteError:
+def refused_write(
+    what: str, path: Path, err: BaseException, *, kept: str, written: int | None = None
+) -> DiskWriteError:
     """The error for ``what`` (e.g. "checkpoint") at ``path`` that ``err`` stopped: the file, the cause,
-    how much of it was written, the free space in its folder and ``kept``, what is still there."""
+    how much of it was written (when known), the free space in its folder and ``kept``, what is still there."""
     folder = path.parent if path.parent.exists() else Path(path.anchor or ".")
     try:
         free = f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB free in {folder}"
     except OSError:
         free = f"free space in {folder} unknown"
-    stopped = f"the write stopped after {written / 2**20:,.1f} MiB" if written else "nothing was written"
     cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return DiskWriteError(
-        f"could not write {what} {path}: {stopped} ({cause}); {free}; {kept}. "
-        "Free space or choose another run.output_dir, then continue with --resume"
-    )
+    if written is not None:
+        cause = (f"the write stopped after {written / 2**20:,.1f} MiB" if written else "nothing was written") + (
+            f": {cause}"
+        )
+    return DiskWriteError(f"could not write {what} {path} ({cause}); {free}; {kept}; {ADVICE}")
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``: a refused
+    write or a kill leaves the previous file whole."""
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as tmp:
+            tmp.write(data)
+        os.replace(tmp_name, path)
+    except BaseException as err:
+        Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:
+            raise OSError(err.errno, err.strerror, str(path)) from err  # name the file, not the temporary
+        raise

@@ -9,12 +9,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
 import cv2
 
 from segohem.data.build import ClassInfo
+from segohem.disk import write_atomically
 from segohem.visualize import EpochVisuals, confusion_image, render_panel, write_png
 
 
@@ -78,13 +80,26 @@ class LocalLogger(NullLogger):
     def _truncate(path: Path, key: str, last_kept: int) -> None:
         if not path.exists():
             return
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if number < len(lines):  # only the last line can be cut short (a kill, a full disk)
+                    raise ValueError(f"{path}, line {number}: not a JSON record ({err})") from err
+                warnings.warn(f"{path}: dropped its last line, cut short by an interrupted write", stacklevel=2)
         kept = [r for r in records if r.get(key, 0) <= last_kept]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def _append(self, path: Path, record: dict[str, Any]) -> None:
-        with path.open("a") as handle:
-            handle.write(json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n")
+        try:
+            with path.open("a") as handle:
+                handle.write(json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n")
+        except OSError as err:
+            if err.filename is not None:
+                raise
+            raise OSError(err.errno, err.strerror, str(path)) from err  # name the file
 
     def log_step(self, metrics: dict[str, float], *, step: int) -> None:
         self._append(self.step_path, {"step": step, **metrics})

@@ -312,8 +312,8 @@ def test_resuming_a_finished_run_does_nothing_and_a_shorter_schedule_is_refused(
 @pytest.mark.parametrize(
     ("limit", "settings", "refused"),
     [
-        (2**20, [], "could not write checkpoint {run_dir}/last.pt: the write stopped after 1.0 MiB"),
-        (2**16, ["train.num_panels=0"], "could not write hard-pixel store {run_dir}/hard_pixels.sqlite"),
+        (2**20, [], "could not write checkpoint {run_dir}/last.pt (the write stopped after 1.0 MiB"),
+        (2**16, ["train.num_panels=0"], "could not write hard-pixel store {run_dir}/hard_pixels.sqlite ("),
         (2**12, [], "File too large: '{run_dir}/viz/epoch002/"),
     ],
     ids=["checkpoint", "dictionary-store", "panel"],
@@ -333,12 +333,13 @@ def test_a_full_disk_stops_training_with_the_file_named_and_resume_goes_on(tmp_p
     assert done.returncode == 4, done.stderr
     assert "Traceback" not in done.stderr and "libpng" not in done.stderr
     assert refused.format(run_dir=run_dir) in done.stderr
-    assert "then continue with --resume" in done.stderr
+    assert "a training run: with --resume" in done.stderr
     assert {name: (run_dir / name).read_bytes() for name in before} == before  # epoch 1 is intact
     if "store" in refused:  # its transaction was rolled back (a store ahead of last.pt is rewritten on resume)
         assert int(read_meta(run_dir / "hard_pixels.sqlite")["epoch"]) == 1
     assert not list(run_dir.glob(".*.tmp"))
-    run_train(tiny_config(tmp_path, "train.epochs=2", *settings), resume_from=run_dir)
+    # a plain --resume goes on with the settings of the resume the disk stopped (train.epochs=2)
+    assert main(["train", "--resume", str(run_dir)]) == 0
     assert load_checkpoint(run_dir / "last.pt")["progress"]["epoch"] == 2
 
 
@@ -351,3 +352,15 @@ def test_a_failing_write_that_is_not_the_disk_is_not_called_a_write_error(tmp_pa
         save_checkpoint({"x": 1}, tmp_path / "last.pt")
     assert not isinstance(raised.value, CheckpointWriteError)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_log_line_cut_short_by_a_full_disk_is_dropped_on_resume(tmp_path):
+    from segohem.tracking import LocalLogger
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/lo')
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: dropped its last line, cut short"):
+        LocalLogger(tmp_path, resume_step=2, resume_epoch=0)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "train/loss": 2.0}\n'
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "tra\n{"step": 2}\n')  # damage before the end
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 1: not a JSON record"):
+        LocalLogger(tmp_path, resume_step=2, resume_epoch=0)

@@ -13,6 +13,7 @@ import torch
 from segohem.bank_store import check_store
 from segohem.cli.build import build_loaders, load_refine_bank
 from segohem.config import Config, ConfigError, config_to_dict, save_config
+from segohem.disk import write_atomically
 from segohem.engine.checkpoint import load_checkpoint, remove_stale_temporaries
 from segohem.engine.distributed import close_distributed, init_distributed, is_main_process
 from segohem.engine.loop import BANK_FILE, Loaders, fit, seed_everything
@@ -83,12 +84,13 @@ def _train(cfg: Config, *, run_dir: Path, resume_from: Path | None) -> Progress:
         progress = fit(run, loaders, run_dir=run_dir, logger=logger)
         if main:
             logger.log_plots(save_run_plots(run_dir))
-    except BaseException:
-        # a run that stopped before saving an epoch (bad data met in the first batches, a kill) leaves
-        # the folder's config as it was: a later --resume continues with the settings of its last.pt
+    except (ValueError, KeyError):
+        # bad input met once training started (data read in the first batches), before an epoch was
+        # saved: the folder's config goes back to the settings of its last.pt, so that a later
+        # --resume does not meet it again. A kill or a full disk keeps the new settings.
         if main and _identity(last_path) == last_before and config_before is not None:
             with suppress(OSError):  # the error that stopped the run is the one to report
-                config_path.write_bytes(config_before)
+                write_atomically(config_path, config_before)
         raise
     finally:
         logger.close()
