@@ -163,3 +163,13 @@ def test_counts_below_one_are_refused_with_the_option_named(argv, message, capsy
 def test_a_class_filter_on_a_view_that_covers_every_class_is_refused(capsys):
     assert main(["hard-pixels", "--store", "x.sqlite", "--view", "pairs", "--class", "pole"]) == 2
     assert "--class selects images (--view images); --view pairs covers every class" in capsys.readouterr().err
+
+
+def test_overrides_after_viz_ids_are_overrides(monkeypatch):
+    from segohem.cli import commands
+
+    seen = {}
+    monkeypatch.setattr(commands, "run_viz", lambda run, **kwargs: seen.update(kwargs))
+    assert main(["viz", "--run", "r", "--ids", "a", "b=c", "eval.flip=true", "--split", "val", "data.root=/x"]) == 0
+    assert seen["ids"] == ["a", "b=c"]  # a sample id may hold '=': only dotted keys are overrides
+    assert seen["overrides"] == ["eval.flip=true", "data.root=/x"]

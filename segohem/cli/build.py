@@ -90,19 +90,19 @@ def eval_dataset(loader: DataLoader[Any]) -> SegmentationDataset:
 def _check_bank_covers(bank: HardPixelBank, sample_ids: list[str], cfg: Config) -> None:
     """Refuse a refinement bank that knows none of the training images (a store mined on val, or on
     other data): it would steer nothing, every image weighing the same. Warn when it knows few."""
-    source = cfg.refine.bank or cfg.refine.init
+    source = f"refine.bank {cfg.refine.bank}" if cfg.refine.bank else f"the hard-pixel bank of {cfg.refine.init}"
     known = sum(1 for sample_id in sample_ids if sample_id in bank.samples)
     mine = f"`segohem mine --checkpoint {cfg.refine.init or 'CHECKPOINT'} --split train`"
     if known == 0:
         example = next(iter(bank.samples), None)
         raise ConfigError(
-            f"refine.bank {source} holds none of the {len(sample_ids)} training images (it holds "
+            f"{source} holds none of the {len(sample_ids)} training images (it holds "
             f"{len(bank.samples)}, e.g. {example!r}; training: {sample_ids[0]!r}): mined on another split or "
             f"other data? mine the train split: {mine}"
         )
     if known < len(sample_ids) / 2:
         warnings.warn(
-            f"refine.bank {source} knows {known} of the {len(sample_ids)} training images; the others are "
+            f"{source} knows {known} of the {len(sample_ids)} training images; the others are "
             f"steered as if never seen ({mine} covers them all)",
             stacklevel=2,
         )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from segohem import __version__
 from segohem.config import SPLITS, Config, ConfigError, describe_config, load_config
-from segohem.disk import DISK_FULL
+from segohem.disk import ADVICE, DISK_FULL
 
 # paths given that cannot be used as they are: one line naming the path, exit status 2
 BAD_PATH = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
@@ -176,12 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     # overrides may also follow an option (`eval --checkpoint X --split val eval.flip=true`): argparse
     # ends a command's positional overrides at its first option and leaves the rest unrecognised
-    args, extra = parser.parse_known_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(words)
     late = [arg for arg in extra if "=" in arg and not arg.startswith("-")]
     if extra != late or (late and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if late:
-        args.overrides = [*args.overrides, *late]
+    if hasattr(args, "overrides"):
+        among_ids = [i for i in getattr(args, "ids", None) or [] if "=" in i and "." in i.partition("=")[0]]
+        if among_ids:  # viz --ids takes every word after it: the dotted key=value ones are overrides
+            args.ids = [i for i in args.ids if i not in among_ids] or None
+        # in the order they were given: the later of two settings of one key wins
+        args.overrides = sorted([*args.overrides, *late, *among_ids], key=words.index)
     try:
         return dispatch(args)
     except BrokenPipeError:  # the reader of stdout went away (`segohem train --print-config | head`)
@@ -201,16 +206,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"segohem {args.command}: error: {err}", file=sys.stderr)
             return 4
         if isinstance(err, OSError) and err.errno in DISK_FULL:
-            again = "continue with --resume" if args.command in {"train", "refine"} else "run the command again"
-            print(f"segohem {args.command}: error: {err}; free space, then {again}", file=sys.stderr)
+            print(f"segohem {args.command}: error: {err}; {ADVICE}", file=sys.stderr)
             return 4
         # ConfigError, DatasetError, CheckpointError and StoreError are ValueErrors; the OSErrors are
         # paths that cannot be used as given (a file where a folder should be, no permission), named
         if isinstance(err, (ValueError, KeyError, RunFolderBusy, *BAD_PATH)):
-            if isinstance(err, KeyError) and err.args and isinstance(err.args[0], str):
+            message = dataset_error_message(err)  # a DataLoader worker's error: its own last line
+            if isinstance(err, KeyError) and message == str(err) and err.args and isinstance(err.args[0], str):
                 message = err.args[0]  # str(KeyError) would quote it
-            else:
-                message = dataset_error_message(err)
             print(f"segohem {args.command}: error: {message}", file=sys.stderr)
             return 2
         raise
