@@ -169,8 +169,9 @@ def dispatch(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a known failure is one line on stderr and a non-zero exit status.
 
-    2: bad input (config, data, checkpoint, store, a busy run folder); 3: training diverged;
-    4: a file of the run could not be written (a full disk; the previous one is intact, --resume goes on);
+    2: bad input (config, data, checkpoint, store, a busy run folder, a path that cannot be used);
+    3: training diverged; 4: a write the disk refused (full, a quota, a file size limit; what was
+    saved before is intact, and a training run continues with --resume);
     141: whoever read stdout closed it (as for a command a shell's pipe ended with SIGPIPE).
     """
     parser = make_parser()

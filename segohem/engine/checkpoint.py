@@ -31,7 +31,7 @@ class CheckpointError(ValueError):
 
 
 class CheckpointWriteError(DiskWriteError):
-    """A checkpoint could not be written (a full disk, no permission); the previous file is intact."""
+    """A checkpoint the disk refused (full, a quota, a file size limit); the previous file is intact."""
 
 
 def encode_arrays(value: Any) -> Any:
