@@ -157,7 +157,9 @@ def open_store(path: str | Path) -> Iterator[sqlite3.Connection]:
         raise StoreError(problem, REPAIR_HINT)
     # A store in WAL mode needs its -shm file even to be read, and SQLite cannot create it in a folder
     # it may not write to (a colleague's run, a read-only mount): there, with no unmerged -wal content
-    # left, the file is read as immutable, which needs no -shm file.
+    # left, the file is read as immutable, which needs no -shm file. Immutable reads take no lock: a
+    # query that meets the owner's save in progress may read a mix of two epochs or fail as corrupt,
+    # and is right when asked again after the save.
     wal = path.with_name(path.name + "-wal")
     frozen = not os.access(path.parent, os.W_OK) and not (wal.is_file() and wal.stat().st_size > 0)
     try:  # as_uri() percent-quotes '?', '#', '%' and spaces, which would otherwise end or alter the path
