@@ -337,7 +337,7 @@ def save_bank(bank: HardPixelBank, path: str | Path, *, class_names: list[str] |
         _remove_stale_temps(path)
         if refused_by_disk(err):
             kept = "the store is as its last save left it (one transaction)" if path.exists() else "no store was kept"
-            raise StoreWriteError(refused_write("hard-pixel store", path, err, kept=kept).args[0]) from err
+            raise refused_write("hard-pixel store", path, err, kept=kept, error=StoreWriteError) from err
         if isinstance(err, sqlite3.OperationalError) and "unable to open" in str(err):
             raise StoreError(f"cannot write {path} ({err}): is its folder writable?") from err
         raise

@@ -13,7 +13,10 @@ import os
 import shutil
 import sqlite3
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 # what a full disk, a quota or a file size limit raise (OSError.errno)
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -28,6 +31,9 @@ class DiskWriteError(OSError):
     """A file could not be written (no space, a quota, a file size limit); the previous one is intact."""
 
 
+RefusedError = TypeVar("RefusedError", bound=DiskWriteError)
+
+
 def refused_by_disk(err: BaseException) -> bool:
     """Whether ``err`` is a write the disk refused: an OSError of `DISK_FULL`, SQLite's full-disk or
     failed-write error, or a write torch.save's zip writer saw stop short."""
@@ -40,10 +46,17 @@ def refused_by_disk(err: BaseException) -> bool:
 
 
 def refused_write(
-    what: str, path: Path, err: BaseException, *, kept: str, written: int | None = None
-) -> DiskWriteError:
-    """The error for ``what`` (e.g. "checkpoint") at ``path`` that ``err`` stopped: the file, the cause,
-    how much of it was written (when known), the free space in its folder and ``kept``, what is still there."""
+    what: str,
+    path: Path,
+    err: BaseException,
+    *,
+    kept: str,
+    written: int | None = None,
+    error: type[RefusedError],
+) -> RefusedError:
+    """The ``error`` (a DiskWriteError) for ``what`` (e.g. "checkpoint") at ``path`` that ``err`` stopped: the file, the
+    cause, how much of it was written (when known), the free space in its folder and ``kept``, what is
+    still there."""
     folder = path.parent if path.parent.exists() else Path(path.anchor or ".")
     try:
         free = f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB free in {folder}"
@@ -54,19 +67,29 @@ def refused_write(
         cause = (f"the write stopped after {written / 2**20:,.1f} MiB" if written else "nothing was written") + (
             f": {cause}"
         )
-    return DiskWriteError(f"could not write {what} {path} ({cause}); {free}; {kept}; {ADVICE}")
+    return error(f"could not write {what} {path} ({cause}); {free}; {kept}; {ADVICE}")
+
+
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Inside, an OSError that names no file (a failed write() does not) is raised again naming ``path``."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err
 
 
 def write_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``: a refused
     write or a kill leaves the previous file whole."""
     handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as tmp:
-            tmp.write(data)
-        os.replace(tmp_name, path)
-    except BaseException as err:
-        Path(tmp_name).unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.filename is None:
-            raise OSError(err.errno, err.strerror, str(path)) from err  # name the file, not the temporary
-        raise
+    with naming(path):  # the file, not the temporary
+        try:
+            with os.fdopen(handle, "wb") as tmp:
+                tmp.write(data)
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import cv2
 
 from segohem.data.build import ClassInfo
-from segohem.disk import write_atomically
+from segohem.disk import naming, write_atomically
 from segohem.visualize import EpochVisuals, confusion_image, render_panel, write_png
 
 
@@ -93,13 +93,8 @@ class LocalLogger(NullLogger):
         write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def _append(self, path: Path, record: dict[str, Any]) -> None:
-        try:
-            with path.open("a") as handle:
-                handle.write(json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n")
-        except OSError as err:
-            if err.filename is not None:
-                raise
-            raise OSError(err.errno, err.strerror, str(path)) from err  # name the file
+        with naming(path), path.open("a") as handle:
+            handle.write(json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n")
 
     def log_step(self, metrics: dict[str, float], *, step: int) -> None:
         self._append(self.step_path, {"step": step, **metrics})

@@ -9,6 +9,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from segohem.disk import naming
+
 CORRECT_RGB, WRONG_RGB, IGNORED_RGB = (40, 170, 60), (220, 30, 30), (90, 90, 90)
 HARD_RGB = (255, 0, 255)
 
@@ -53,12 +55,8 @@ def write_png(path: Path, image: np.ndarray) -> None:
     ok, encoded = cv2.imencode(".png", image)
     if not ok:
         raise OSError(f"cannot encode {path} as PNG")
-    try:
+    with naming(path):
         path.write_bytes(encoded.tobytes())
-    except OSError as err:
-        if err.filename is not None:
-            raise
-        raise OSError(err.errno, err.strerror, str(path)) from err
 
 
 def render_panel(

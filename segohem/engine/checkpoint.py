@@ -112,8 +112,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 def _write_error(path: Path, err: BaseException, written: int = 0) -> CheckpointWriteError:
     """The error for a checkpoint that could not be written: the file, the cause, the free space."""
     kept = f"the previous {path.name} is unchanged" if path.exists() else f"there was no {path.name} before"
-    refused = refused_write("checkpoint", path, err, kept=kept, written=written)
-    return CheckpointWriteError(refused.args[0])
+    return refused_write("checkpoint", path, err, kept=kept, written=written, error=CheckpointWriteError)
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
